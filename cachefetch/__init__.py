@@ -1,0 +1,3 @@
+"""cachefetch: a content-addressed cache with request coalescing for WSGI apps and HTTP upstreams."""
+
+__version__ = "0.1.0"

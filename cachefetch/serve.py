@@ -1,0 +1,204 @@
+"""Serve a committed blob as a first-class HTTP response.
+
+``serve_from_store`` answers GET and HEAD for one blob: a strong ETag from its
+hash, ``If-None-Match`` (304), a single byte ``Range`` (206/416) and the body
+through ``wsgi.file_wrapper`` so gunicorn can ``sendfile`` it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+
+from werkzeug.http import parse_etags, parse_if_range_header, parse_range_header
+
+from .store import CAFS, Blob, BlobNotFound
+
+__all__ = ["ServeOptions", "serve_from_store", "etag_for", "normalize_headers", "plain_response"]
+
+log = logging.getLogger("cachefetch.serve")
+
+WSGIEnviron = dict[str, Any]
+StartResponse = Callable[..., Any]
+HeaderList = list[tuple[str, str]]
+
+_BLOCK_SIZE = 1 << 16
+_CONTENT_HEADERS = frozenset({"content-type", "content-length", "content-range", "accept-ranges", "etag"})
+
+
+def normalize_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Check and copy response headers given as a mapping or as pairs.
+
+    :raises TypeError: if a name or value is not a ``str``.
+    :raises ValueError: if a name is empty or not a token, or a value holds
+        CR, LF or NUL (header injection).
+    """
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    out = []
+    for pair in pairs:
+        name, value = pair
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"header names and values must be str: {name!r}: {value!r}")
+        if not name or any(c in name for c in " \t\r\n\0:"):
+            raise ValueError(f"invalid header name {name!r}")
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError(f"invalid character in header {name!r}")
+        out.append((name, value))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How to describe a blob on the wire.
+
+    :param content_type: the ``Content-Type`` of every response body.
+    :param extra_headers: more headers for every answer (mapping or pairs);
+        ones that this module sets itself (Content-Type, Content-Length,
+        Content-Range, Accept-Ranges, ETag) are ignored there.
+    :raises TypeError, ValueError: as :func:`normalize_headers`.
+    """
+
+    content_type: str = "application/octet-stream"
+    extra_headers: Mapping[str, str] | Iterable[tuple[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        normalize_headers([("Content-Type", self.content_type)])
+        object.__setattr__(self, "extra_headers", normalize_headers(self.extra_headers))
+
+
+def etag_for(blob: Blob) -> str:
+    """The strong ETag (quoted) of a blob: its hex hash."""
+    return f'"{blob.hash.hex}"'
+
+
+def plain_response(start_response: StartResponse, status: str, message: str,
+                   headers: Iterable[tuple[str, str]] = ()) -> list[bytes]:
+    """Answer with a short ``text/plain`` body saying what happened."""
+    body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body))), *headers])
+    return [body]
+
+
+class _FileRange:
+    """A file limited to ``length`` bytes from its current position.
+
+    Keeps ``fileno`` so gunicorn's file_wrapper can ``sendfile`` it (it sends
+    Content-Length bytes from the current offset); other servers ``read`` it.
+    """
+
+    __slots__ = ("_file", "_left")
+
+    def __init__(self, file: BinaryIO, length: int) -> None:
+        self._file = file
+        self._left = length
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        if size is None or size < 0 or size > self._left:
+            size = self._left
+        data = self._file.read(size)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _iter_file(file: _FileRange) -> Iterator[bytes]:
+    try:
+        while chunk := file.read(_BLOCK_SIZE):
+            yield chunk
+    finally:
+        file.close()
+
+
+def _byte_range(environ: WSGIEnviron, size: int, etag: str) -> tuple[int, int] | None | bool:
+    """The ``(start, stop)`` a request asks for, ``None`` for all, ``False`` if unsatisfiable."""
+    header = environ.get("HTTP_RANGE")
+    if not header or environ.get("REQUEST_METHOD") != "GET":
+        return None
+    if_range = environ.get("HTTP_IF_RANGE")
+    if if_range is not None and parse_if_range_header(if_range).etag != etag.strip('"'):
+        return None  # the client's copy is another version: send it all
+    rng = parse_range_header(header)
+    # Malformed, multi-range or other units: RFC 9110 lets us ignore the header.
+    if rng is None or rng.units != "bytes" or len(rng.ranges) != 1:
+        return None
+    begin, end = rng.ranges[0]
+    if begin < 0:  # suffix range: the last -begin bytes, all of them if shorter
+        if size == 0 or end is not None:
+            return False
+        return max(0, size + begin), size
+    if begin >= size:
+        return False
+    return begin, size if end is None else min(end, size)
+
+
+def serve_from_store(environ: WSGIEnviron, start_response: StartResponse, store: CAFS,
+                     result: Blob, opts: ServeOptions | None = None) -> Iterable[bytes]:
+    """Answer the request in ``environ`` with blob ``result`` from ``store``.
+
+    GET gets the body (through ``wsgi.file_wrapper`` when the server offers
+    one); HEAD gets the same headers and no body; a matching ``If-None-Match``
+    gets 304; one satisfiable byte ``Range`` gets 206 with ``Content-Range``
+    (honouring ``If-Range``), an unsatisfiable one 416. A blob missing from
+    the store is logged and answered with 500.
+
+    :raises TypeError: if ``store`` is not a :class:`CAFS` or ``result`` not a
+        :class:`Blob`.
+    """
+    if not isinstance(store, CAFS):
+        raise TypeError(f"store must be a CAFS, not {type(store).__name__}")
+    if not isinstance(result, Blob):
+        raise TypeError(f"result must be a Blob/Result, not {type(result).__name__}")
+    opts = opts or ServeOptions()
+    etag = etag_for(result)
+    extra = [(k, v) for k, v in opts.extra_headers if k.lower() not in _CONTENT_HEADERS]
+    validators = [("ETag", etag), ("Accept-Ranges", "bytes")]
+
+    inm = environ.get("HTTP_IF_NONE_MATCH")
+    if inm and environ.get("REQUEST_METHOD") in ("GET", "HEAD") and parse_etags(inm).contains_weak(etag.strip('"')):
+        start_response("304 Not Modified", validators + extra)
+        return []
+
+    try:
+        file = store.open(result.hash)
+    except BlobNotFound:
+        log.error("blob %s is in the index but not in the store %s", result.hash.hex, store.root)
+        return plain_response(start_response, "500 Internal Server Error", "cached object is missing from the store")
+    size = os.fstat(file.fileno()).st_size
+    if size != result.size:
+        log.warning("blob %s is %d bytes, its result says %d", result.hash.hex, size, result.size)
+
+    span = _byte_range(environ, size, etag)
+    if span is False:
+        file.close()
+        start_response("416 Range Not Satisfiable",
+                       [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")] + validators + extra)
+        return []
+    headers = [("Content-Type", opts.content_type)]
+    if span is None:
+        status, start, length = "200 OK", 0, size
+    else:
+        start, stop = span
+        status, length = "206 Partial Content", stop - start
+        headers.append(("Content-Range", f"bytes {start}-{stop - 1}/{size}"))
+    headers.append(("Content-Length", str(length)))
+    start_response(status, headers + validators + extra)
+
+    if environ.get("REQUEST_METHOD") == "HEAD":
+        file.close()
+        return []
+    if start:
+        file.seek(start)
+    body = _FileRange(file, length)
+    wrapper = environ.get("wsgi.file_wrapper")
+    if wrapper is not None:
+        return wrapper(body, _BLOCK_SIZE)
+    return _iter_file(body)

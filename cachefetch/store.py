@@ -1,0 +1,329 @@
+"""CAFS: a directory-sharded content-addressable file store.
+
+Layout under ``root``::
+
+    blobs/<shard>/<hex>   committed blobs, named by their BLAKE3-256 hash
+    tmp/                  temp files being written; same filesystem as blobs/
+
+A blob appears only by ``rename`` of a complete, fsynced temp file, so a reader
+never sees a partial blob and a killed writer leaves at most a temp file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from .hashing import Hash, Hasher, hash_file
+
+__all__ = ["CAFS", "Blob", "IntegrityError", "BlobNotFound"]
+
+log = logging.getLogger("cachefetch.store")
+
+_COPY_SIZE = 1 << 20
+TEMP_PREFIX = "cf-"
+
+
+class IntegrityError(ValueError):
+    """Content does not hash to the name it was meant to have."""
+
+
+class BlobNotFound(KeyError, FileNotFoundError):
+    """No blob with this hash is in the store.
+
+    Both a ``KeyError`` (a missing key) and a ``FileNotFoundError`` (a missing
+    file), so callers can catch whichever their code speaks.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """A committed blob: its hash and its size in bytes."""
+
+    hash: Hash
+    size: int
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _require_hash(h: object) -> Hash:
+    if not isinstance(h, Hash):
+        raise TypeError(f"expected a cachefetch.hashing.Hash, got {type(h).__name__}")
+    return h
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class CAFS:
+    """A content-addressable file store rooted at ``root``.
+
+    Safe for concurrent use from many threads and processes: every mutation is
+    a single ``rename`` or ``unlink``.
+
+    :param root: the store directory; created (with ``blobs/`` and ``tmp/``)
+        if missing.
+    :param fsync: fsync temp files and directories around each commit. Turn it
+        off only for throwaway stores (tests, benchmarks): without it a power
+        loss can leave a blob with the right name and wrong content.
+    :raises TypeError: if ``root`` is not a path.
+    :raises OSError: if the directories cannot be created.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"CAFS root must be a path, not {type(root).__name__}")
+        self.root = os.path.abspath(os.fspath(root))
+        self.blobs_dir = os.path.join(self.root, "blobs")
+        self.temp_dir = os.path.join(self.root, "tmp")
+        self.fsync = fsync
+        os.makedirs(self.blobs_dir, exist_ok=True)
+        os.makedirs(self.temp_dir, exist_ok=True)
+        self._temp_dev = os.stat(self.temp_dir).st_dev
+
+    def __repr__(self) -> str:
+        return f"CAFS({self.root!r})"
+
+    # -- paths -----------------------------------------------------------
+
+    def path(self, h: Hash) -> str:
+        """The path a blob with hash ``h`` has (whether or not it exists).
+
+        :raises TypeError: if ``h`` is not a :class:`Hash`.
+        """
+        h = _require_hash(h)
+        return os.path.join(self.blobs_dir, h.shard, h.hex)
+
+    def exists(self, h: Hash) -> bool:
+        """Whether a blob with hash ``h`` is stored. :raises TypeError: as :meth:`path`."""
+        return os.path.isfile(self.path(h))
+
+    __contains__ = exists
+
+    def size(self, h: Hash) -> int:
+        """Size in bytes of blob ``h``. :raises BlobNotFound: if absent."""
+        try:
+            return os.stat(self.path(h)).st_size
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob {h.hex} in {self.root}") from None
+
+    def open(self, h: Hash) -> BinaryIO:
+        """Open blob ``h`` for reading (binary, buffered).
+
+        :raises BlobNotFound: if absent.
+        """
+        try:
+            return open(self.path(h), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob {h.hex} in {self.root}") from None
+
+    def delete(self, h: Hash) -> bool:
+        """Remove blob ``h``; returns whether it was there. Never raises for absence."""
+        try:
+            os.unlink(self.path(h))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def __iter__(self) -> Iterator[Hash]:
+        """Yield the hash of every stored blob (in no particular order).
+
+        Files whose name is not a valid hash, or that sit in the wrong shard
+        directory, are not blobs and are skipped.
+        """
+        try:
+            shards = os.scandir(self.blobs_dir)
+        except FileNotFoundError:
+            return
+        with shards:
+            for shard in shards:
+                if len(shard.name) != 2 or not shard.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(shard.path) as entries:
+                    for entry in entries:
+                        try:
+                            h = Hash.from_hex(entry.name)
+                        except ValueError:
+                            continue
+                        if h.hex == entry.name and h.shard == shard.name and entry.is_file(follow_symlinks=False):
+                            yield h
+
+    # -- writing ---------------------------------------------------------
+
+    def new_temp(self, suffix: str = ".tmp") -> tuple[BinaryIO, str]:
+        """Create an empty temp file under ``tmp/`` for the caller to fill.
+
+        :returns: ``(file opened "w+b", path)``; pass the path to
+            :meth:`commit` once written, or unlink it.
+        """
+        fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=self.temp_dir)
+        return os.fdopen(fd, "w+b"), path
+
+    def put(self, data: bytes | bytearray | memoryview | BinaryIO) -> Blob:
+        """Store ``data`` (bytes, or a binary file read to its end).
+
+        :raises TypeError: if ``data`` is neither bytes-like nor readable.
+        :raises OSError: on a write failure (the temp file is removed).
+        """
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            chunks: Iterator[bytes | memoryview] = iter((memoryview(data),))
+        elif hasattr(data, "read"):
+            chunks = iter(lambda: data.read(_COPY_SIZE), b"")
+        else:
+            raise TypeError(f"put takes bytes or a binary file, not {type(data).__name__}")
+        f, tmp = self.new_temp()
+        try:
+            with f:
+                hasher = Hasher()
+                for chunk in chunks:
+                    if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                        raise TypeError("put: the file returned text, not bytes")
+                    hasher.update(chunk)
+                    f.write(chunk)
+            return self.commit(tmp, hasher.finalize(), trusted=True)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def commit(self, tmp_path: str | os.PathLike[str], expected: Hash | None = None,
+               *, trusted: bool = False) -> Blob:
+        """Move an already-written temp file into the store, consuming it.
+
+        Without ``expected`` the file is hashed to find its name. With it, the
+        file is re-hashed and must match; with ``trusted=True`` as well, the
+        caller vouches for ``expected`` (it hashed the bytes as it wrote them)
+        and the file is renamed without being read again. A file on another
+        filesystem is copied into ``tmp/`` (hashed on the way), then renamed.
+        If the blob already exists the temp file is just removed.
+
+        :raises IntegrityError: if the content does not hash to ``expected``;
+            the temp file is removed.
+        :raises ValueError: if ``trusted`` is given without ``expected``.
+        :raises TypeError: if ``expected`` is not a :class:`Hash`.
+        :raises FileNotFoundError: if ``tmp_path`` does not exist.
+        :raises OSError: on a filesystem failure; the temp file is removed.
+        """
+        if expected is not None:
+            _require_hash(expected)
+        elif trusted:
+            raise ValueError("commit(trusted=True) needs the expected hash")
+        tmp = os.fspath(tmp_path)
+        st = os.stat(tmp)
+        if not os.path.isfile(tmp):
+            raise ValueError(f"not a regular file: {tmp}")
+        try:
+            if st.st_dev != self._temp_dev:
+                tmp, actual, size = self._copy_in(tmp)
+            elif trusted:
+                actual, size = expected, st.st_size
+            else:
+                actual, size = hash_file(tmp)
+            if expected is not None and actual != expected:
+                raise IntegrityError(f"content hashes to {actual.hex}, expected {expected.hex}")
+            return self._rename_into_place(tmp, actual, size)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def _copy_in(self, src: str) -> tuple[str, Hash, int]:
+        """Copy ``src`` into ``tmp/`` while hashing; remove ``src``."""
+        f, tmp = self.new_temp()
+        try:
+            hasher = Hasher()
+            with f, open(src, "rb") as source:
+                while chunk := source.read(_COPY_SIZE):
+                    hasher.update(chunk)
+                    f.write(chunk)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        _unlink_quietly(src)
+        return tmp, hasher.finalize(), hasher.size
+
+    def _rename_into_place(self, tmp: str, h: Hash, size: int) -> Blob:
+        final = self.path(h)
+        if os.path.exists(final):
+            _unlink_quietly(tmp)
+            return Blob(h, size)
+        if self.fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        # Read-only blobs: a stray writer cannot change content under its name.
+        os.chmod(tmp, 0o444)
+        shard_dir = os.path.dirname(final)
+        try:
+            os.rename(tmp, final)
+        except FileNotFoundError:
+            if not os.path.exists(tmp):
+                raise
+            os.makedirs(shard_dir, exist_ok=True)
+            os.rename(tmp, final)
+        if self.fsync:
+            _fsync_dir(shard_dir)
+        return Blob(h, size)
+
+    # -- maintenance -----------------------------------------------------
+
+    def verify(self, remove: bool = False) -> list[Hash]:
+        """Re-hash every blob; return those whose content does not match their name.
+
+        :param remove: also delete the mismatching blobs.
+        """
+        bad = []
+        for h in self:
+            try:
+                actual, _ = hash_file(self.path(h))
+            except FileNotFoundError:
+                continue  # deleted while we walked
+            if actual != h:
+                log.warning("blob %s is corrupt (content hashes to %s)", h.hex, actual.hex)
+                bad.append(h)
+                if remove:
+                    self.delete(h)
+        return bad
+
+    def temp_files(self) -> list[str]:
+        """Paths of the files now under ``tmp/`` (in-flight or orphaned)."""
+        try:
+            return sorted(e.path for e in os.scandir(self.temp_dir) if e.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+
+    def remove_stale_temps(self, older_than: float = 3600.0) -> list[str]:
+        """Delete temp files not modified for ``older_than`` seconds.
+
+        A temp file being written is touched by every write, so only the
+        leftovers of killed writers are this old.
+        :returns: the removed paths.
+        """
+        if older_than < 0:
+            raise ValueError("older_than must be >= 0")
+        cutoff = time.time() - older_than
+        removed = []
+        for path in self.temp_files():
+            try:
+                if os.stat(path).st_mtime <= cutoff:
+                    os.unlink(path)
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+        return removed
