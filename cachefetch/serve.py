@@ -56,14 +56,26 @@ class ServeOptions:
     :param extra_headers: more headers for every answer (mapping or pairs);
         ones that this module sets itself (Content-Type, Content-Length,
         Content-Range, Accept-Ranges, ETag) are ignored there.
-    :raises TypeError, ValueError: as :func:`normalize_headers`.
+    :param etag: the quoted ETag to send and match instead of the one made
+        from the hash (a cache replays the origin's own validator); a weak
+        one never satisfies ``If-Range``.
+    :param status: the status to answer a full GET with. Anything but 200 is
+        replayed as is: no Range, no 304.
+    :raises TypeError, ValueError: as :func:`normalize_headers`, or for a
+        status that is not ``"NNN reason"``.
     """
 
     content_type: str = "application/octet-stream"
     extra_headers: Mapping[str, str] | Iterable[tuple[str, str]] = field(default_factory=dict)
+    etag: str | None = None
+    status: str = "200 OK"
 
     def __post_init__(self) -> None:
         normalize_headers([("Content-Type", self.content_type)])
+        if self.etag is not None:
+            normalize_headers([("ETag", self.etag)])
+        if not isinstance(self.status, str) or len(self.status) < 5 or not self.status[:3].isdigit():
+            raise ValueError(f"status must look like '200 OK', got {self.status!r}")
         object.__setattr__(self, "extra_headers", normalize_headers(self.extra_headers))
 
 
@@ -118,14 +130,22 @@ def _iter_file(file: _FileRange) -> Iterator[bytes]:
         file.close()
 
 
+def _unquote_etag(etag: str) -> tuple[str, bool]:
+    weak = etag.startswith(("W/", "w/"))
+    return (etag[2:] if weak else etag).strip('"'), weak
+
+
 def _byte_range(environ: WSGIEnviron, size: int, etag: str) -> tuple[int, int] | None | bool:
     """The ``(start, stop)`` a request asks for, ``None`` for all, ``False`` if unsatisfiable."""
     header = environ.get("HTTP_RANGE")
     if not header or environ.get("REQUEST_METHOD") != "GET":
         return None
     if_range = environ.get("HTTP_IF_RANGE")
-    if if_range is not None and parse_if_range_header(if_range).etag != etag.strip('"'):
-        return None  # the client's copy is another version: send it all
+    if if_range is not None:
+        tag, weak = _unquote_etag(etag)
+        # If-Range compares strongly: a weak validator never matches.
+        if weak or parse_if_range_header(if_range).etag != tag:
+            return None  # the client's copy is another version: send it all
     rng = parse_range_header(header)
     # Malformed, multi-range or other units: RFC 9110 lets us ignore the header.
     if rng is None or rng.units != "bytes" or len(rng.ranges) != 1:
@@ -158,12 +178,14 @@ def serve_from_store(environ: WSGIEnviron, start_response: StartResponse, store:
     if not isinstance(result, Blob):
         raise TypeError(f"result must be a Blob/Result, not {type(result).__name__}")
     opts = opts or ServeOptions()
-    etag = etag_for(result)
+    etag = opts.etag or etag_for(result)
     extra = [(k, v) for k, v in opts.extra_headers if k.lower() not in _CONTENT_HEADERS]
-    validators = [("ETag", etag), ("Accept-Ranges", "bytes")]
+    conditional = opts.status.startswith("200")
+    validators = [("ETag", etag), ("Accept-Ranges", "bytes")] if conditional else [("ETag", etag)]
 
     inm = environ.get("HTTP_IF_NONE_MATCH")
-    if inm and environ.get("REQUEST_METHOD") in ("GET", "HEAD") and parse_etags(inm).contains_weak(etag.strip('"')):
+    if (conditional and inm and environ.get("REQUEST_METHOD") in ("GET", "HEAD")
+            and parse_etags(inm).contains_weak(_unquote_etag(etag)[0])):
         start_response("304 Not Modified", validators + extra)
         return []
 
@@ -176,7 +198,7 @@ def serve_from_store(environ: WSGIEnviron, start_response: StartResponse, store:
     if size != result.size:
         log.warning("blob %s is %d bytes, its result says %d", result.hash.hex, size, result.size)
 
-    span = _byte_range(environ, size, etag)
+    span = _byte_range(environ, size, etag) if conditional else None
     if span is False:
         file.close()
         start_response("416 Range Not Satisfiable",
@@ -184,7 +206,7 @@ def serve_from_store(environ: WSGIEnviron, start_response: StartResponse, store:
         return []
     headers = [("Content-Type", opts.content_type)]
     if span is None:
-        status, start, length = "200 OK", 0, size
+        status, start, length = opts.status, 0, size
     else:
         start, stop = span
         status, length = "206 Partial Content", stop - start

@@ -25,7 +25,7 @@ from .serve import StartResponse, WSGIEnviron, normalize_headers, plain_response
 from .store import CAFS, Blob
 
 __all__ = ["StreamThroughOptions", "StreamThroughResult", "stream_through", "Committer", "UpstreamError",
-           "LengthMismatch"]
+           "LengthMismatch", "CacheAbandoned"]
 
 log = logging.getLogger("cachefetch.stream")
 
@@ -42,6 +42,11 @@ class UpstreamError(Exception):
 
 class LengthMismatch(UpstreamError):
     """The upstream sent more or fewer bytes than ``content_length``."""
+
+
+class CacheAbandoned(Exception):
+    """Caching stopped for a reason on the cache's side (size limit, disk
+    error); the client still gets the whole body."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +75,8 @@ class StreamThroughOptions:
     :param finish_on_disconnect: when the client goes away early, keep reading
         the upstream into the temp file on a background thread (up to
         ``max_size``) and complete as usual, instead of discarding.
-    :param on_start: called with the temp path once the first chunk is in it,
-        just before the response starts.
+    :param on_start: called with the temp path once it exists, before the
+        upstream is read (so others can follow the file as it grows).
     :param on_abort: called with the reason (an exception) when the temp file
         is discarded for any reason but a HEAD request.
     :raises TypeError, ValueError: on an option of the wrong type or range.
@@ -164,13 +169,13 @@ class _Tee:
         if self._file is None:
             return
         if self._opts.max_size is not None and self.size > self._opts.max_size:
-            self._abandon(UpstreamError(f"body exceeds max_size {self._opts.max_size}"))
+            self._abandon(CacheAbandoned(f"body exceeds max_size {self._opts.max_size}"))
             return
         try:
             self._file.write(chunk)
         except OSError as exc:  # a full disk must not cost the client its body
             log.warning("not caching: writing %s failed: %s", self.temp_path, exc)
-            self._abandon(exc)
+            self._abandon(CacheAbandoned(f"writing the temp file failed: {exc}"))
             return
         for h in self._hashers:
             h.update(chunk)
@@ -265,7 +270,9 @@ class _Tee:
             for chunk in self._chunks:
                 self._take(chunk)
                 if self._file is None:  # max_size or disk: nothing left to cache
-                    raise UpstreamError("caching was abandoned")
+                    _close_quietly(self._upstream)
+                    self._finished = True
+                    return
             self._finish()
         except BaseException as exc:
             log.warning("detached fetch failed after %d bytes: %r", self.size, exc)
@@ -307,14 +314,18 @@ def stream_through(environ: WSGIEnviron, start_response: StartResponse,
         start_response(opts.status, headers)
         return []
     tee = _Tee(upstream, opts, on_complete)
+    if opts.on_start is not None:
+        try:
+            opts.on_start(tee.temp_path)
+        except BaseException:
+            tee._fail(RuntimeError("on_start failed"))
+            raise
     try:
         tee.read_first()
     except Exception as exc:
         log.error("upstream failed before the first byte: %r", exc)
         tee._fail(exc)
         return plain_response(start_response, "502 Bad Gateway", "the upstream failed before sending a byte")
-    if opts.on_start is not None and tee._file is not None:
-        opts.on_start(tee.temp_path)
     start_response(opts.status, headers)
     return tee
 

@@ -1,0 +1,201 @@
+"""The entry index: which stored blob answers which request key.
+
+An :class:`Entry` holds what a hit needs besides the bytes: the blob's hash
+and size, the status and headers to replay, when it was stored and until when
+it is fresh, and the request headers it varies on. :class:`SQLiteIndex` is the
+embedded default (one SQLite file in WAL mode, safe across processes); other
+backends implement :class:`Index`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+from .hashing import Hash
+
+__all__ = ["Entry", "Index", "SQLiteIndex"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cached response.
+
+    :param key: the request key (the resource).
+    :param variant: the request's values of the ``vary`` headers, normalised;
+        ``""`` when the response does not vary.
+    :param expires_at: epoch seconds after which the entry is stale; ``None``
+        for fresh until evicted.
+    :param initial_age: the ``Age`` the response already had when stored.
+    """
+
+    key: str
+    variant: str
+    hash: Hash
+    size: int
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    stored_at: float = field(default_factory=time.time)
+    expires_at: float | None = None
+    vary: tuple[str, ...] = ()
+    initial_age: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not isinstance(self.variant, str):
+            raise TypeError("Entry key and variant must be str")
+        if not isinstance(self.hash, Hash):
+            raise TypeError("Entry hash must be a Hash")
+        if not isinstance(self.size, int) or self.size < 0:
+            raise ValueError("Entry size must be an int >= 0")
+
+    def age(self, now: float | None = None) -> int:
+        """Seconds since the origin produced the response (RFC 9111 ``Age``)."""
+        now = time.time() if now is None else now
+        return max(0, int(now - self.stored_at)) + self.initial_age
+
+    def ttl(self, now: float | None = None) -> float | None:
+        """Seconds of freshness left (negative once stale); ``None`` if unlimited."""
+        if self.expires_at is None:
+            return None
+        return self.expires_at - (time.time() if now is None else now)
+
+    def is_fresh(self, now: float | None = None) -> bool:
+        """Whether the entry may be served without going to the origin."""
+        ttl = self.ttl(now)
+        return ttl is None or ttl > 0
+
+
+class Index(Protocol):
+    """What the middleware needs from an index. Implementations are thread-safe."""
+
+    def get(self, key: str) -> list[Entry]:
+        """Every stored variant for ``key`` (usually zero or one)."""
+
+    def put(self, entry: Entry) -> None:
+        """Store ``entry``, replacing the one with the same key and variant."""
+
+    def delete(self, key: str, variant: str | None = None) -> int:
+        """Remove one variant, or every variant when ``variant`` is None; returns how many."""
+
+    def touch(self, key: str, variant: str, when: float | None = None) -> None:
+        """Record a use of an entry (for least-recently-used eviction)."""
+
+    def __iter__(self) -> Iterator[Entry]:
+        """Every entry."""
+
+    def close(self) -> None:
+        """Release resources held by this process."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    headers TEXT NOT NULL,
+    stored_at REAL NOT NULL,
+    expires_at REAL,
+    vary TEXT NOT NULL,
+    initial_age INTEGER NOT NULL,
+    last_used REAL NOT NULL,
+    PRIMARY KEY (key, variant)
+);
+CREATE INDEX IF NOT EXISTS entries_hash ON entries(hash);
+"""
+_COLUMNS = "key, variant, hash, size, status, headers, stored_at, expires_at, vary, initial_age"
+
+
+def _entry(row: tuple) -> Entry:
+    key, variant, hexhash, size, status, headers, stored_at, expires_at, vary, initial_age = row
+    return Entry(key, variant, Hash.from_hex(hexhash), size, status,
+                 tuple(tuple(h) for h in json.loads(headers)), stored_at, expires_at,
+                 tuple(json.loads(vary)), initial_age)
+
+
+class SQLiteIndex:
+    """An :class:`Index` in one SQLite database in WAL mode.
+
+    Each thread of each process gets its own connection (SQLite connections
+    must not cross threads or a ``fork``), and WAL lets readers run while one
+    writer commits.
+
+    :param path: the database file; its directory must exist.
+    :param busy_timeout: seconds to wait for another writer's lock.
+    :raises sqlite3.Error: if the database cannot be opened or created.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = 10.0) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"index path must be a path, not {type(path).__name__}")
+        if busy_timeout < 0:
+            raise ValueError("busy_timeout must be >= 0")
+        self.path = os.fspath(path)
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"SQLiteIndex({self.path!r})"
+
+    def _connect(self) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
+                                 check_same_thread=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            local.db, local.pid = db, os.getpid()
+        return local.db
+
+    def get(self, key: str) -> list[Entry]:
+        """Every stored variant for ``key``."""
+        rows = self._connect().execute(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,)).fetchall()
+        return [_entry(r) for r in rows]
+
+    def put(self, entry: Entry) -> None:
+        """Store ``entry``, replacing the one with the same key and variant."""
+        if not isinstance(entry, Entry):
+            raise TypeError(f"put takes an Entry, not {type(entry).__name__}")
+        self._connect().execute(
+            f"INSERT OR REPLACE INTO entries ({_COLUMNS}, last_used) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (entry.key, entry.variant, entry.hash.hex, entry.size, entry.status,
+             json.dumps(entry.headers), entry.stored_at, entry.expires_at,
+             json.dumps(entry.vary), entry.initial_age, time.time()))
+
+    def delete(self, key: str, variant: str | None = None) -> int:
+        """Remove one variant, or all of ``key``'s; returns how many rows went."""
+        db = self._connect()
+        if variant is None:
+            return db.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount
+        return db.execute("DELETE FROM entries WHERE key = ? AND variant = ?", (key, variant)).rowcount
+
+    def delete_hash(self, h: Hash) -> int:
+        """Remove every entry that points at blob ``h``; returns how many."""
+        return self._connect().execute("DELETE FROM entries WHERE hash = ?", (h.hex,)).rowcount
+
+    def touch(self, key: str, variant: str, when: float | None = None) -> None:
+        """Record a use of an entry."""
+        self._connect().execute("UPDATE entries SET last_used = ? WHERE key = ? AND variant = ?",
+                                (time.time() if when is None else when, key, variant))
+
+    def __iter__(self) -> Iterator[Entry]:
+        """Every entry, as a snapshot."""
+        rows = self._connect().execute(f"SELECT {_COLUMNS} FROM entries").fetchall()
+        return iter([_entry(r) for r in rows])
+
+    def __len__(self) -> int:
+        return self._connect().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None and self._local.pid == os.getpid():
+            db.close()
+        self._local = threading.local()
