@@ -72,6 +72,7 @@ class CacheFetch:
     :param stale_if_error: seconds past expiry during which a stale entry is
         served when the app raises or answers 5xx; ``None`` never.
     :param fsync: passed to the CAFS when ``store`` is a path.
+    :param clock: the wall clock (epoch seconds) freshness is judged by.
     :raises ValueError, TypeError: on an invalid option, at construction.
     """
 
@@ -84,9 +85,12 @@ class CacheFetch:
                  max_object_size: int | None = None,
                  cache_statuses: Iterable[int] = (200,),
                  stale_if_error: float | None = None,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
         if not callable(app):
             raise TypeError("app must be a WSGI callable")
+        if not callable(clock):
+            raise TypeError("clock must be a callable returning epoch seconds")
         if key is not None and not callable(key):
             raise TypeError("key must be a callable environ -> str | None")
         if default_ttl is not None and not (isinstance(default_ttl, (int, float)) and default_ttl >= 0):
@@ -117,6 +121,7 @@ class CacheFetch:
         self.max_object_size = max_object_size
         self.cache_statuses = frozenset(statuses)
         self.stale_if_error = stale_if_error
+        self.clock = clock
         self.flights = Flights(self.store.root)
         self.committer = Committer(self.store)
 
@@ -140,7 +145,7 @@ class CacheFetch:
         if directives.no_store:
             return self._passthrough(environ, start_response, "fwd=request")
         authorized = "HTTP_AUTHORIZATION" in environ
-        now = time.time()
+        now = self.clock()
         entries = self.index.get(key)
         entry = self._matching(entries, environ, authorized)
         if entry is not None and not directives.no_cache and entry.is_fresh(now):
@@ -181,7 +186,7 @@ class CacheFetch:
         opts = ServeOptions(
             content_type=policy.header(headers, "Content-Type") or "application/octet-stream",
             extra_headers=[(k, v) for k, v in headers if k.lower() not in ("content-type", "etag")]
-            + [("Age", str(entry.age())), (_CACHE_STATUS, cache_status)],
+            + [("Age", str(entry.age(self.clock()))), (_CACHE_STATUS, cache_status)],
             etag=policy.header(headers, "ETag"),
             status=_status_line(entry.status))
         return serve_from_store(environ, start_response, self.store, Blob(entry.hash, entry.size), opts)
@@ -191,7 +196,7 @@ class CacheFetch:
         """Serve ``stale`` if ``stale_if_error`` allows it now, else ``None``."""
         if stale is None or self.stale_if_error is None or not policy.allows_stale(list(stale.headers)):
             return None
-        ttl = stale.ttl()
+        ttl = stale.ttl(self.clock())
         if ttl is not None and -ttl > self.stale_if_error:
             return None
         status = f"{_NAME}; hit; ttl={int(ttl) if ttl is not None else 0}; detail={detail}"
@@ -219,9 +224,10 @@ class CacheFetch:
             if lead is not None:
                 if not revalidate:  # a flight may have finished between lookup and lock
                     entry = self._matching(self.index.get(key), environ, authorized)
-                    if entry is not None and entry.is_fresh():
+                    now = self.clock()
+                    if entry is not None and entry.is_fresh(now):
                         lead.release()
-                        served = self._serve_entry(environ, start_response, entry, self._hit_status(entry, time.time()))
+                        served = self._serve_entry(environ, start_response, entry, self._hit_status(entry, now))
                         if served is not None:
                             return served
                         lead = self.flights.lead(flight)
@@ -270,7 +276,7 @@ class CacheFetch:
         status, headers = started
         code = int(status[:3])
         reason = policy.response_is_storable(code, headers, self.cache_statuses, authorized)
-        now = time.time()
+        now = self.clock()
         ttl = policy.freshness_lifetime(headers, self.default_ttl, now) if reason is None else None
         if reason is None and ttl is not None and ttl <= 0:
             reason = "already stale"

@@ -143,8 +143,9 @@ def _byte_range(environ: WSGIEnviron, size: int, etag: str) -> tuple[int, int] |
     if_range = environ.get("HTTP_IF_RANGE")
     if if_range is not None:
         tag, weak = _unquote_etag(etag)
-        # If-Range compares strongly: a weak validator never matches.
-        if weak or parse_if_range_header(if_range).etag != tag:
+        # If-Range compares strongly: a weak validator never matches, ours or
+        # the client's (werkzeug's parser drops the client's W/, so look first).
+        if weak or _unquote_etag(if_range.strip())[1] or parse_if_range_header(if_range).etag != tag:
             return None  # the client's copy is another version: send it all
     rng = parse_range_header(header)
     # Malformed, multi-range or other units: RFC 9110 lets us ignore the header.

@@ -77,7 +77,13 @@ class Group(Generic[T]):
                 call.callers += 1
             else:
                 call = self._calls[key] = _Call()
-                self._executor.submit(self._run, key, call, fn)
+                try:
+                    self._executor.submit(self._run, key, call, fn)
+                except BaseException:
+                    # e.g. the executor is shut down: no flight started, so
+                    # none may stay registered for later callers to wait on.
+                    del self._calls[key]
+                    raise
         if not call.done.wait(timeout):
             raise WaitTimeout(f"gave up waiting for {key!r} after {timeout}s")
         if call.error is not None:

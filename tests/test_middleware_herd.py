@@ -1,0 +1,74 @@
+"""CacheFetch under a real gunicorn (gthread, 2 workers x 32 threads): the herd."""
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from harness import fetch, gunicorn
+from herd_app import body_for
+
+from cachefetch.store import CAFS
+
+SIZE = 10 << 20
+
+
+@pytest.fixture
+def env(tmp_path):
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    return {"CF_TEST_STORE": str(tmp_path / "store"), "CF_TEST_CALLS": str(tmp_path / "calls.log"),
+            "CF_TEST_GATES": str(gates)}
+
+
+def calls(env, path=None):
+    try:
+        with open(env["CF_TEST_CALLS"]) as f:
+            lines = [line.split() for line in f]
+    except FileNotFoundError:
+        return []
+    return [line for line in lines if path is None or line[1] == path]
+
+
+def herd(port, path, n, headers=None):
+    barrier = threading.Barrier(n)
+
+    def one(_):
+        barrier.wait()
+        return fetch(port, path, headers=headers)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_herd_of_48_calls_app_once_and_followers_stream(env, tmp_path):
+    path = "/big/herd"
+    expected = body_for(path, SIZE)
+    with gunicorn("herd_wsgi:application", tmp_path, env=env) as server:
+        results = herd(server.port, path, 48)
+        assert len(calls(env, path)) == 1, server.log()
+        for r in results:
+            assert r.status == 200
+            assert r.complete
+            assert r.body == expected
+        kinds = [r.headers["Cache-Status"] for r in results]
+        leaders = [r for r in results if r.headers["Cache-Status"].endswith("stored")]
+        followers = [r for r in results if r.headers["Cache-Status"].endswith("collapsed")]
+        assert len(leaders) == 1, kinds
+        assert len(followers) == 47, kinds
+        leader_ttfb = leaders[0].ttfb
+        median = statistics.median(f.ttfb for f in followers)
+        print(f"leader ttfb {leader_ttfb:.3f}s, follower median {median:.3f}s, max {max(f.ttfb for f in followers):.3f}s")
+        assert median <= leader_ttfb * 1.2
+        # Followers streamed: they had their first byte long before the 1 s trickle ended.
+        assert median < leader_ttfb + 0.5
+        # Both workers took part, so the coalescing crossed processes.
+        hit = fetch(server.port, path)
+        assert hit.headers["Cache-Status"].startswith("cachefetch; hit")
+        assert hit.body == expected
+    store = CAFS(env["CF_TEST_STORE"])
+    assert store.verify() == []
+    assert store.temp_files() == []
