@@ -118,6 +118,21 @@ def _entry(row: tuple) -> Entry:
                  tuple(json.loads(vary)), initial_age)
 
 
+def _set_wal(db: sqlite3.Connection, timeout: float) -> None:
+    """Switch ``db`` to WAL mode. While another process creates the database
+    or switches it, SQLite can answer "database is locked" at once, without
+    waiting for the busy timeout: retry until ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SQLiteIndex:
     """An :class:`Index` in one SQLite database in WAL mode.
 
@@ -149,7 +164,7 @@ class SQLiteIndex:
         if getattr(local, "pid", None) != os.getpid():
             db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
                                  check_same_thread=True)
-            db.execute("PRAGMA journal_mode=WAL")
+            _set_wal(db, self._busy_timeout)
             db.execute("PRAGMA synchronous=NORMAL")
             local.db, local.pid = db, os.getpid()
         return local.db

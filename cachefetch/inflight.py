@@ -5,6 +5,7 @@ worker using the same store. Its leader holds an exclusive ``flock`` on
 ``<root>/inflight/<id>.lock`` and appends a journal to that same file, one
 JSON record per line:
 
+``L``  a leader holds the flight; its temp files are named ``cf-<fid>-*``
 ``H``  the response has started: status, headers, the growing body file
 ``D``  the body is complete: its hash and size
 ``F``  the fetch failed (``why``: ``upstream`` or ``abandoned``)
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -47,22 +50,25 @@ class LeaderGone(Exception):
 class Journal:
     """What a follower has learned of a fetch so far."""
 
+    fid: str | None = None                # the L record's flight id
     head: dict[str, Any] | None = None   # the H record
     final: str | None = None              # "D", "F" or "X"
     detail: dict[str, Any] | None = None  # the final record's body
 
 
 def _parse(raw: bytes) -> Journal:
-    head = final = detail = None
+    fid = head = final = detail = None
     # Only lines with their newline are complete; the last may be mid-write.
     for line in raw.split(b"\n")[:-1]:
         kind, _, body = line.partition(b" ")
         record = json.loads(body) if body else {}
-        if kind == b"H":
+        if kind == b"L":
+            fid = record.get("fid")
+        elif kind == b"H":
             head = record
         elif kind in (b"D", b"F", b"X"):
             final, detail = kind.decode(), record
-    return Journal(head, final, detail)
+    return Journal(fid, head, final, detail)
 
 
 def _try_lock(fd: int) -> bool:
@@ -76,11 +82,23 @@ def _try_lock(fd: int) -> bool:
 
 
 class Lead:
-    """The leader's side of a flight: an exclusive lock and a journal to append to."""
+    """The leader's side of a flight: an exclusive lock and a journal to append to.
+
+    Its first record names the flight id; temp files of this fetch must be
+    named with :attr:`temp_prefix` so a successor can remove them if this
+    process dies before saying which file it writes.
+    """
 
     def __init__(self, fd: int, path: str) -> None:
         self._fd: int | None = fd
         self.path = path
+        self.fid = secrets.token_hex(8)
+        self._append("L", {"fid": self.fid, "pid": os.getpid()})
+
+    @property
+    def temp_prefix(self) -> str:
+        """The name prefix for this fetch's temp files."""
+        return f"cf-{self.fid}-"
 
     @property
     def active(self) -> bool:
@@ -221,6 +239,7 @@ class Flights:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.dir = os.path.join(os.fspath(root), "inflight")
+        self.temp_dir = os.path.join(os.fspath(root), "tmp")
         os.makedirs(self.dir, exist_ok=True)
 
     def path(self, key: str) -> str:
@@ -257,12 +276,12 @@ class Flights:
             journal = _parse(os.pread(fd, 1 << 20, 0))
         except ValueError:
             journal = Journal()
-        body = (journal.head or {}).get("body")
-        if body and os.path.dirname(body) and journal.final is None:
-            try:
-                os.unlink(body)
-            except FileNotFoundError:
-                pass
+        if journal.fid and journal.fid.isalnum():  # after D the commit may not have run either
+            for temp in glob.glob(os.path.join(glob.escape(self.temp_dir), f"cf-{journal.fid}-*")):
+                try:
+                    os.unlink(temp)
+                except FileNotFoundError:
+                    pass
         log.warning("cleared the journal of a fetch whose leader died: %s", path)
         os.unlink(path)
         os.close(fd)

@@ -48,7 +48,12 @@ def default_key(environ: WSGIEnviron) -> str | None:
 
 
 class _Retry(Exception):
-    """The flight we followed ended without a usable answer: start over."""
+    """The flight we followed ended without a usable answer: start over,
+    on ``flight`` if given (the response varies, and ours is another variant)."""
+
+    def __init__(self, flight: str | None = None) -> None:
+        super().__init__(flight)
+        self.flight = flight
 
 
 class CacheFetch:
@@ -95,7 +100,7 @@ class CacheFetch:
             raise TypeError("key must be a callable environ -> str | None")
         if default_ttl is not None and not (isinstance(default_ttl, (int, float)) and default_ttl >= 0):
             raise ValueError(f"default_ttl must be seconds >= 0 or None, got {default_ttl!r}")
-        if not isinstance(wait_timeout, (int, float)) or wait_timeout < 0:
+        if not isinstance(wait_timeout, (int, float)) or not wait_timeout >= 0:  # NaN too
             raise ValueError(f"wait_timeout must be seconds >= 0, got {wait_timeout!r}")
         if on_wait_timeout not in _WAIT_POLICIES:
             raise ValueError(f"on_wait_timeout must be one of {_WAIT_POLICIES}, got {on_wait_timeout!r}")
@@ -104,8 +109,11 @@ class CacheFetch:
         statuses = tuple(cache_statuses)
         if not statuses or not all(isinstance(s, int) and 200 <= s <= 599 and s != 206 for s in statuses):
             raise ValueError(f"cache_statuses must be HTTP statuses 200-599 other than 206, got {statuses!r}")
-        if stale_if_error is not None and (not isinstance(stale_if_error, (int, float)) or stale_if_error < 0):
+        if stale_if_error is not None and (not isinstance(stale_if_error, (int, float)) or not stale_if_error >= 0):
             raise ValueError(f"stale_if_error must be seconds >= 0 or None, got {stale_if_error!r}")
+        if index is not None and not all(callable(getattr(index, m, None))
+                                         for m in ("get", "put", "delete", "close")):
+            raise TypeError(f"index must implement cachefetch.index.Index, not {type(index).__name__}")
         if isinstance(store, CAFS):
             self.store = store
         elif isinstance(store, (str, os.PathLike)):
@@ -240,9 +248,13 @@ class CacheFetch:
                     return self._passthrough(environ, start_response, "fwd=miss")
                 continue  # the flight ended between our two calls: look again
             try:
-                return self._follow(environ, start_response, follow, deadline, stale)
-            except _Retry:
-                if head_request:  # cannot lead, so cannot clear a dead leader's journal
+                return self._follow(environ, start_response, follow, deadline, stale, key)
+            except _Retry as retry:
+                if retry.flight is not None and retry.flight != flight:
+                    flight = retry.flight
+                    continue
+                if head_request or retry.flight is not None:
+                    # A HEAD cannot lead, so cannot clear a dead leader's journal.
                     return self._passthrough(environ, start_response, "fwd=miss")
                 continue
 
@@ -327,7 +339,7 @@ class CacheFetch:
             content_type=content_type,
             extra_headers=[(k, v) for k, v in keep if k.lower() != "content-type"]
             + [(_CACHE_STATUS, f"{_NAME}; fwd={'stale' if stale else 'miss'}; stored")],
-            content_length=length, temp_dir=self.store.temp_dir, status=status,
+            content_length=length, temp_dir=self.store.temp_dir, temp_prefix=lead.temp_prefix, status=status,
             max_size=self.max_object_size, finish_on_disconnect=True,
             on_start=on_start, on_abort=on_abort)
         return stream_through(environ, start_response, app_iter, opts, on_complete)
@@ -335,7 +347,7 @@ class CacheFetch:
     # -- followers -------------------------------------------------------
 
     def _follow(self, environ: WSGIEnviron, start_response: StartResponse, follow: Follow,
-                deadline: float, stale: Entry | None) -> Iterable[bytes]:
+                deadline: float, stale: Entry | None, key: str) -> Iterable[bytes]:
         """Answer from another request's fetch; raises :class:`_Retry` to start over."""
         try:
             try:
@@ -354,8 +366,9 @@ class CacheFetch:
             head = journal.head
             if head is None:  # failed before its response started
                 return self._failed_flight(environ, start_response, journal.detail or {}, stale)
-            if policy.variant_of(environ, head["vary"]) != head["variant"]:
-                return self._passthrough(environ, start_response, "fwd=vary-miss")
+            variant = policy.variant_of(environ, head["vary"])
+            if variant != head["variant"]:  # fetch our own variant, coalesced with its peers
+                raise _Retry(key + "\n" + variant)
             headers = [tuple(h) for h in head["headers"]] + [(_CACHE_STATUS, f"{_NAME}; fwd=miss; collapsed")]
             if head["content_length"] >= 0:
                 headers.append(("Content-Length", str(head["content_length"])))

@@ -69,6 +69,8 @@ class StreamThroughOptions:
         (e.g. ``hashlib.sha256()`` to check a digest the protocol knows).
     :param temp_dir: where the temp file goes; use the store's ``temp_dir``
         so committing is a rename. Default: the system temp dir.
+    :param temp_prefix: the temp file's name starts with this (a file name
+        part, no separators), so its owner can find it after a crash.
     :param status: the response status line.
     :param max_size: stop caching past this many bytes (the client still gets
         the whole body; ``on_abort`` is told); ``None`` for no limit.
@@ -87,6 +89,7 @@ class StreamThroughOptions:
     content_length: int = -1
     extra_hashers: Sequence[SupportsUpdate] = ()
     temp_dir: str | os.PathLike[str] | None = None
+    temp_prefix: str = "cf-"
     status: str = "200 OK"
     max_size: int | None = None
     finish_on_disconnect: bool = False
@@ -102,6 +105,8 @@ class StreamThroughOptions:
             raise ValueError(f"max_size must be an int >= 0 or None, got {self.max_size!r}")
         if not isinstance(self.status, str) or not self.status[:3].isdigit() or len(self.status) < 4:
             raise ValueError(f"status must look like '200 OK', got {self.status!r}")
+        if not isinstance(self.temp_prefix, str) or os.sep in self.temp_prefix or "\0" in self.temp_prefix:
+            raise ValueError(f"temp_prefix must be a file name part, got {self.temp_prefix!r}")
         hashers = tuple(self.extra_hashers)
         for h in hashers:
             if not callable(getattr(h, "update", None)):
@@ -137,7 +142,7 @@ class _Tee:
         self._hasher = Hasher()
         self._hashers = (self._hasher, *opts.extra_hashers)
         temp_dir = os.fspath(opts.temp_dir) if opts.temp_dir is not None else None
-        fd, self.temp_path = tempfile.mkstemp(prefix="cf-", suffix=".part", dir=temp_dir)
+        fd, self.temp_path = tempfile.mkstemp(prefix=opts.temp_prefix, suffix=".part", dir=temp_dir)
         self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
         self.size = 0  # bytes sent upstream-to-client so far
         self._finished = False
@@ -326,6 +331,9 @@ def stream_through(environ: WSGIEnviron, start_response: StartResponse,
         log.error("upstream failed before the first byte: %r", exc)
         tee._fail(exc)
         return plain_response(start_response, "502 Bad Gateway", "the upstream failed before sending a byte")
+    except BaseException as exc:  # not ours to answer, but the temp file is ours to remove
+        tee._fail(exc)
+        raise
     start_response(opts.status, headers)
     return tee
 

@@ -58,23 +58,49 @@ class Server:
         return [int(p) for p in out.stdout.split()]
 
 
+_READY_HOOK = """
+import os
+def post_worker_init(worker):
+    open(os.path.join({ready!r}, str(os.getpid())), "w").close()
+"""
+
+
 @contextlib.contextmanager
 def gunicorn(app: str, tmp_path, env: dict | None = None, workers: int = 2, threads: int = 32,
-             args: tuple[str, ...] = (), cwd: str | None = None):
-    """Run ``gunicorn -k gthread`` serving ``app`` ("module:callable") on a free port."""
+             args: tuple[str, ...] = (), cwd: str | None = None, config: str | None = None):
+    """Run ``gunicorn -k gthread`` serving ``app`` ("module:callable") on a free port.
+
+    Yields once every worker has loaded the app (a ``post_worker_init`` hook
+    marks each one), unless ``config`` names a config file of its own; then
+    once the port accepts.
+    """
     port = free_port()
     log_path = os.path.join(tmp_path, f"gunicorn-{port}.log")
+    ready_dir = os.path.join(tmp_path, f"ready-{port}")
+    if config is None:
+        os.makedirs(ready_dir)
+        config = os.path.join(tmp_path, f"gunicorn-{port}.conf.py")
+        with open(config, "w") as f:
+            f.write(_READY_HOOK.format(ready=ready_dir))
+        counting = True
+    else:
+        counting = False
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR, cwd or ""]),
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(workers), "--threads", str(threads),
            "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "--timeout", "60",
-           "--log-level", "info", *args, app]
+           "--log-level", "info", "-c", config, *args, app]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd or tmp_path,
                                 start_new_session=True)
     server = Server(proc, port, log_path)
     try:
         wait_for_port(port, proc)
+        if counting:
+            wait_until(lambda: proc.poll() is not None or len(os.listdir(ready_dir)) >= workers,
+                       what="every worker to boot")
+            if proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {proc.returncode}")
         yield server
     finally:
         if proc.poll() is None:
@@ -142,3 +168,22 @@ def fetch(port: int, path: str, method: str = "GET", headers: dict | None = None
         return Fetched(resp.status, resp.headers, b"".join(chunks), complete, t0, first or now, now)
     finally:
         conn.close()
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
+    """Poll ``condition()`` until it is truthy (for state kept by another process,
+    which offers nothing to block on); returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def curl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run the real curl client."""
+    return subprocess.run(["curl", "--silent", "--show-error", "--noproxy", "*", *args],
+                          capture_output=True, timeout=timeout)

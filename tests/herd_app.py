@@ -53,7 +53,8 @@ def raw_app(environ, start_response):
     record_call(path)
     size = int(query.get("size", 10 << 20))
     delay = float(query.get("delay", 1.0))
-    trickle = float(query.get("trickle", 1.0))
+    # A header, unlike the query, is not part of the cache key.
+    trickle = float(environ.get("HTTP_X_TRICKLE") or query.get("trickle", 1.0))
     if path.startswith("/big"):
         data = body_for(path, size)
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
@@ -70,7 +71,10 @@ def raw_app(environ, start_response):
     if path.startswith("/gated"):
         name = path.rsplit("/", 1)[-1]
         data = body_for(path, size)
-        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))])
+        headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))]
+        if "cookie" in query:
+            headers.append(("Set-Cookie", f"id={os.getpid()}-{time.monotonic_ns()}"))
+        start_response("200 OK", headers)
 
         def gated():
             _wait_gate(name)
