@@ -273,3 +273,57 @@ def test_killed_worker_mid_body_drops_followers_and_next_request_refetches(env, 
                    .startswith("cachefetch; hit"),
                    what="the committed entry")
     assert_store_clean(env)
+
+
+@pytest.mark.parametrize("policy", ["passthrough", "504"])
+def test_follower_wait_timeout(env, tmp_path, policy):
+    path = f"/gated/wait-{policy}"
+    env = {**env, "CF_TEST_WAIT": "0.3", "CF_TEST_WAIT_POLICY": policy}
+    with gunicorn("herd_wsgi:application", tmp_path, env=env) as server:
+        with ThreadPoolExecutor(5) as pool:
+            leader = pool.submit(fetch, server.port, f"{path}?size=1000&trickle=0")
+            wait_until(lambda: calls(env, path), what="the leader's app call")
+            followers = [pool.submit(fetch, server.port, f"{path}?size=1000&trickle=0") for _ in range(4)]
+            if policy == "passthrough":  # each follower gives up and calls the app itself
+                wait_until(lambda: len(calls(env, path)) == 5, what="the followers' own app calls")
+                open_gate(env, f"wait-{policy}")
+                results = [f.result() for f in followers]
+            else:
+                results = [f.result() for f in followers]
+                open_gate(env, f"wait-{policy}")
+            assert leader.result().complete
+        for r in results:
+            assert "detail=wait-timeout" in r.headers["Cache-Status"]
+            if policy == "passthrough":
+                assert r.status == 200 and r.complete and r.body == body_for(path, 1000)
+            else:
+                assert r.status == 504
+        assert len(calls(env, path)) == (5 if policy == "passthrough" else 1)
+    assert_store_clean(env)
+
+
+def test_response_over_max_object_size_is_streamed_but_not_stored(env, tmp_path):
+    env = {**env, "CF_TEST_MAX": str(1 << 20)}
+    path = "/big/too-large?size=3145728&delay=0&trickle=0"
+    with gunicorn("herd_wsgi:application", tmp_path, env=env) as server:
+        first = fetch(server.port, path)
+        assert first.complete and first.body == body_for("/big/too-large", 3 << 20)
+        second = fetch(server.port, path)
+        assert second.complete and second.body == first.body
+        assert len(calls(env, "/big/too-large")) == 2
+    assert list(CAFS(env["CF_TEST_STORE"])) == []
+    assert_store_clean(env)
+
+
+def test_head_miss_stores_nothing_and_head_after_get_is_a_hit(env, tmp_path):
+    path = "/big/head?size=5000&delay=0&trickle=0"
+    with gunicorn("herd_wsgi:application", tmp_path, env=env) as server:
+        head = fetch(server.port, path, method="HEAD")
+        assert head.status == 200 and head.body == b""
+        assert list(CAFS(env["CF_TEST_STORE"])) == []
+        fetch(server.port, path)
+        hit = wait_until(lambda: (r := fetch(server.port, path, method="HEAD")).headers["Cache-Status"]
+                         .startswith("cachefetch; hit") and r, what="the GET's entry")
+        assert hit.headers["Content-Length"] == "5000" and hit.body == b""
+        assert len(calls(env, "/big/head")) == 2
+    assert_store_clean(env)
