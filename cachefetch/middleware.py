@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from http import HTTPStatus
 import os
 import time
@@ -32,7 +33,7 @@ from .serve import ServeOptions, StartResponse, WSGIEnviron, plain_response, ser
 from .store import CAFS, Blob
 from .stream import CacheAbandoned, Committer, StreamThroughOptions, StreamThroughResult, stream_through
 
-__all__ = ["CacheFetch", "default_key"]
+__all__ = ["CacheFetch", "default_key", "close_all"]
 
 log = logging.getLogger("cachefetch.middleware")
 
@@ -40,6 +41,19 @@ WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 _WAIT_POLICIES = ("passthrough", "504")
 _CACHE_STATUS = "Cache-Status"
 _NAME = "cachefetch"
+
+
+_instances: "weakref.WeakSet[CacheFetch]" = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Close every :class:`CacheFetch` of this process, finishing queued commits.
+
+    For server hooks (gunicorn's ``worker_exit``) that cannot reach the
+    middleware instance inside the framework's app object.
+    """
+    for instance in list(_instances):
+        instance.close()
 
 
 def default_key(environ: WSGIEnviron) -> str | None:
@@ -132,6 +146,7 @@ class CacheFetch:
         self.clock = clock
         self.flights = Flights(self.store.root)
         self.committer = Committer(self.store)
+        _instances.add(self)
 
     def close(self) -> None:
         """Finish pending commits and release the index (call when the worker stops)."""
