@@ -205,6 +205,36 @@ class SQLiteIndex:
         rows = self._connect().execute(f"SELECT {_COLUMNS} FROM entries").fetchall()
         return iter([_entry(r) for r in rows])
 
+    def totals(self) -> tuple[int, int]:
+        """``(entries, bytes of the distinct blobs they point at)``."""
+        db = self._connect()
+        entries = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        size = db.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT hash, size FROM entries)").fetchone()[0]
+        return entries, size
+
+    def least_recently_used(self, limit: int = 1000, used_before: float | None = None) -> list[Entry]:
+        """Up to ``limit`` entries, least recently used first (only those last
+        used before ``used_before``, if given)."""
+        rows = self._connect().execute(
+            f"SELECT {_COLUMNS} FROM entries WHERE last_used < ? ORDER BY last_used ASC LIMIT ?",
+            (float("inf") if used_before is None else used_before, limit)).fetchall()
+        return [_entry(r) for r in rows]
+
+    def last_used(self, key: str, variant: str) -> float:
+        """When the entry was last used (0 if absent)."""
+        row = self._connect().execute("SELECT last_used FROM entries WHERE key = ? AND variant = ?",
+                                      (key, variant)).fetchone()
+        return row[0] if row else 0.0
+
+    def touch_many(self, uses: dict[tuple[str, str], float]) -> None:
+        """Record many uses at once: ``{(key, variant): when}``."""
+        self._connect().executemany("UPDATE entries SET last_used = ? WHERE key = ? AND variant = ?",
+                                    [(when, key, variant) for (key, variant), when in uses.items()])
+
+    def referenced(self, h: Hash) -> bool:
+        """Whether any entry points at blob ``h``."""
+        return self._connect().execute("SELECT 1 FROM entries WHERE hash = ? LIMIT 1", (h.hex,)).fetchone() is not None
+
     def __len__(self) -> int:
         return self._connect().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 

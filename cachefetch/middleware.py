@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import weakref
 from http import HTTPStatus
 import os
@@ -40,6 +41,7 @@ log = logging.getLogger("cachefetch.middleware")
 WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 _WAIT_POLICIES = ("passthrough", "504")
 _CACHE_STATUS = "Cache-Status"
+_USE_FLUSH_SECONDS = 5.0
 _NAME = "cachefetch"
 
 
@@ -146,12 +148,42 @@ class CacheFetch:
         self.clock = clock
         self.flights = Flights(self.store.root)
         self.committer = Committer(self.store)
+        # Hits record their use for LRU eviction in batches, not a write each.
+        self._uses: dict[tuple[str, str], float] = {}
+        self._uses_lock = threading.Lock()
+        self._uses_flushed = time.monotonic()
         _instances.add(self)
 
     def close(self) -> None:
         """Finish pending commits and release the index (call when the worker stops)."""
         self.committer.shutdown(wait=True)
+        self._flush_uses()
         self.index.close()
+
+    def _record_use(self, entry: Entry) -> None:
+        now = time.monotonic()
+        with self._uses_lock:
+            self._uses[(entry.key, entry.variant)] = self.clock()
+            due = now - self._uses_flushed > _USE_FLUSH_SECONDS
+            if due:
+                self._uses_flushed = now
+        if due:
+            self._flush_uses()
+
+    def _flush_uses(self) -> None:
+        with self._uses_lock:
+            uses, self._uses = self._uses, {}
+        if not uses:
+            return
+        try:
+            touch_many = getattr(self.index, "touch_many", None)
+            if touch_many is not None:
+                touch_many(uses)
+            else:
+                for (key, variant), when in uses.items():
+                    self.index.touch(key, variant, when)
+        except Exception:
+            log.exception("recording %d entry uses failed", len(uses))
 
     # -- entry point -----------------------------------------------------
 
@@ -212,6 +244,7 @@ class CacheFetch:
             + [("Age", str(entry.age(self.clock()))), (_CACHE_STATUS, cache_status)],
             etag=policy.header(headers, "ETag"),
             status=_status_line(entry.status))
+        self._record_use(entry)
         return serve_from_store(environ, start_response, self.store, Blob(entry.hash, entry.size), opts)
 
     def _serve_stale(self, environ: WSGIEnviron, start_response: StartResponse, stale: Entry | None,

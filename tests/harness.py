@@ -187,3 +187,36 @@ def curl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run the real curl client."""
     return subprocess.run(["curl", "--silent", "--show-error", "--noproxy", "*", *args],
                           capture_output=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def cachefetch_serve(tmp_path, *args: str, env: dict | None = None):
+    """Run the real ``cachefetch serve`` command on a free port; stop it with SIGTERM."""
+    port = free_port()
+    log_path = os.path.join(tmp_path, f"serve-{port}.log")
+    full_env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "cachefetch.cli", "serve", "--bind", f"127.0.0.1:{port}", *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path,
+                                start_new_session=True)
+    server = Server(proc, port, log_path)
+    try:
+        wait_for_port(port, proc)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run ``cachefetch ARGS`` as a real command."""
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    return subprocess.run([sys.executable, "-m", "cachefetch.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)

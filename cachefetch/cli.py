@@ -1,0 +1,262 @@
+"""The ``cachefetch`` command: serve, stats, verify, gc.
+
+Bad arguments get a one-line error and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from typing import Any, Sequence
+
+from .maintenance import parse_size
+
+__all__ = ["main", "default_store_dir"]
+
+log = logging.getLogger("cachefetch.cli")
+
+
+def default_store_dir() -> str:
+    """``$XDG_CACHE_HOME/cachefetch``, or ``~/.cache/cachefetch``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cachefetch")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _bind(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cachefetch", description="A content-addressed caching proxy with request coalescing.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the pull-through caching proxy")
+    serve.add_argument("--upstream", required=True, help="origin base URL, e.g. https://pypi.org")
+    serve.add_argument("--protocol", choices=("generic", "pypi", "oci"), default="generic")
+    serve.add_argument("--store", default=default_store_dir(), help="store directory (default: %(default)s)")
+    serve.add_argument("--bind", type=_bind, default="127.0.0.1:8080", help="HOST:PORT (default: %(default)s)")
+    serve.add_argument("--workers", type=_positive_int, default=2)
+    serve.add_argument("--threads", type=_positive_int, default=32)
+    serve.add_argument("--max-size", type=_size, default=None, help="evict past this size, e.g. 20G")
+    serve.add_argument("--files-upstream", action="append", default=None,
+                       help="(pypi) another host files may come from; repeatable")
+    serve.add_argument("--index-ttl", type=float, default=600, help="(pypi) seconds an index page is fresh")
+    serve.add_argument("--negative-ttl", type=float, default=60, help="seconds an upstream 404 is remembered")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    for name, text in (("stats", "show what the store holds and how it was used"),
+                       ("verify", "re-hash every blob and check the index"),
+                       ("gc", "evict least recently used entries down to a size")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--store", default=default_store_dir(), help="store directory (default: %(default)s)")
+        if name == "stats":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "verify":
+            p.add_argument("--repair", action="store_true", help="remove what is damaged")
+        if name == "gc":
+            p.add_argument("--max-size", type=_size, required=True, help="target size, e.g. 20G")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if not os.path.isdir(args.store):
+            print(f"cachefetch: error: no store at {args.store}", file=sys.stderr)
+            return 2
+        return {"stats": _stats, "verify": _verify, "gc": _gc}[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as exc:
+        print(f"cachefetch: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# -- serve -------------------------------------------------------------------
+
+def _serve(args: argparse.Namespace) -> int:
+    store_dir = os.path.abspath(args.store)
+    metrics_dir = os.path.join(store_dir, "metrics")
+    # Counters of several workers are summed from files; last run's are stale.
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    os.makedirs(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+    from .proxy import create_app  # imports prometheus_client: after the env is set
+
+    options = dict(files_upstreams=args.files_upstream, index_ttl=args.index_ttl,
+                   negative_ttl=args.negative_ttl, threads=args.threads)
+    # Build one app now, in the arbiter, so bad options fail before any worker starts.
+    create_app(args.upstream, store_dir, args.protocol, **options).close()
+    from gunicorn.app.base import BaseApplication
+
+    def load() -> Any:
+        app = create_app(args.upstream, store_dir, args.protocol, **options)
+        if args.max_size is not None:
+            from .maintenance import SizeLimiter
+
+            SizeLimiter(app.cached.store, app.index, args.max_size).start()
+        return app
+
+    class Server(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {
+                "bind": [args.bind], "workers": args.workers, "threads": args.threads,
+                "worker_class": "gthread", "timeout": 120, "graceful_timeout": 30,
+                "loglevel": args.log_level, "accesslog": "-", "worker_exit": _worker_exit,
+                "child_exit": _child_exit,
+            }.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return load()
+
+    print(f"cachefetch: serving {args.upstream} ({args.protocol}) on http://{args.bind}/ from {store_dir}",
+          file=sys.stderr)
+    Server().run()
+    return 0
+
+
+def _worker_exit(server: Any, worker: Any) -> None:
+    from .middleware import close_all
+
+    close_all()
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+# -- stats / verify / gc -----------------------------------------------------
+
+def _open(store_dir: str):
+    from .index import SQLiteIndex
+    from .store import CAFS
+
+    store = CAFS(store_dir)
+    return store, SQLiteIndex(os.path.join(store.root, "index.sqlite3"))
+
+
+def _request_counts(store_dir: str) -> dict[str, float]:
+    metrics_dir = os.path.join(store_dir, "metrics")
+    if not os.path.isdir(metrics_dir) or not os.listdir(metrics_dir):
+        return {}
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    counts: dict[str, float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == "cachefetch_requests_total":
+                counts[sample.labels["outcome"]] = counts.get(sample.labels["outcome"], 0) + sample.value
+    return counts
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .maintenance import store_usage
+
+    store, index = _open(args.store)
+    entries, entry_bytes = index.totals()
+    blobs, blob_bytes = store_usage(store)
+    counts = _request_counts(store.root)
+    data = {"store": store.root, "entries": entries, "blobs": blobs, "bytes": blob_bytes,
+            "hits": int(counts.get("hit", 0)), "misses": int(counts.get("miss", 0)),
+            "collapsed": int(counts.get("collapsed", 0)), "stale": int(counts.get("stale", 0))}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    width = max(map(len, data))
+    for name, value in data.items():
+        shown = _human(value) if name == "bytes" else value
+        print(f"{name:<{width}}  {shown}")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .maintenance import verify_store
+
+    store, index = _open(args.store)
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int, nbytes: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        line = f"\rverifying [{'#' * filled}{'.' * (width - filled)}] {done}/{total} blobs, {_human(nbytes)}"
+        if tty or done == total:
+            sys.stderr.write(line + ("\n" if done == total else ""))
+            sys.stderr.flush()
+
+    report = verify_store(store, index, repair=args.repair, progress=progress)
+    verb = "removed" if args.repair else "found"
+    print(f"checked {report.blobs_checked} blobs ({_human(report.bytes_checked)})")
+    for h in report.corrupt_blobs:
+        print(f"corrupt blob {h.hex} ({verb})")
+    for key, _variant, h in report.missing_blob_entries:
+        print(f"entry {key} points at missing blob {h.hex} ({verb})")
+    for path in report.orphan_files:
+        print(f"cleared orphan {path}")
+    if report.damaged:
+        print(f"damage {verb}: {len(report.corrupt_blobs)} corrupt blobs, "
+              f"{len(report.missing_blob_entries)} entries without a blob")
+        return 1
+    print("store is sound")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from .maintenance import collect_garbage
+
+    store, index = _open(args.store)
+    report = collect_garbage(store, index, args.max_size)
+    print(f"{_human(report.before)} -> {_human(report.after)}: "
+          f"{report.evicted_entries} entries evicted, {report.removed_blobs} blobs removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Keeping a store sound and within its size: verify, repair, collect garbage.
+
+These run beside live servers: every step is one rename, unlink or index row,
+and nothing that a live fetch owns (its locked journal, its temp files) is
+touched.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .hashing import Hash, hash_file
+from .index import SQLiteIndex
+from .inflight import Flights
+from .store import CAFS
+
+__all__ = ["VerifyReport", "verify_store", "GCReport", "collect_garbage", "parse_size", "SizeLimiter",
+           "store_usage"]
+
+log = logging.getLogger("cachefetch.maintenance")
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
+_FLIGHT_TEMP = re.compile(r"cf-([0-9a-f]{16})-.*\.part")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"20G"``, ``"512M"``, ``"1.5TiB"``, ``"1000"`` (binary units).
+
+    :raises ValueError: on anything else.
+    """
+    m = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"not a size: {text!r} (try 500M, 20G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_store` found (and removed, with ``repair``)."""
+
+    blobs_checked: int = 0
+    bytes_checked: int = 0
+    corrupt_blobs: list[Hash] = field(default_factory=list)
+    missing_blob_entries: list[tuple[str, str, Hash]] = field(default_factory=list)
+    orphan_files: list[str] = field(default_factory=list)
+    repaired: bool = False
+
+    @property
+    def damaged(self) -> bool:
+        """Whether any blob or entry was wrong (orphans are leftovers, not damage)."""
+        return bool(self.corrupt_blobs or self.missing_blob_entries)
+
+
+def _live_flights(flights: Flights) -> tuple[set[str], list[str]]:
+    """Flight ids whose leader is alive, and journal files whose leader is gone."""
+    live, dead = set(), []
+    for name in os.listdir(flights.dir):
+        path = os.path.join(flights.dir, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                head = os.pread(fd, 4096, 0).split(b"\n", 1)[0]
+                m = re.search(rb'"fid":"([0-9a-f]{16})"', head)
+                if m:
+                    live.add(m.group(1).decode())
+                continue
+            # Ours now: no leader holds it. Unlink while locked, so no one joins it.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    dead.append(path)
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+        finally:
+            os.close(fd)
+    return live, dead
+
+
+def clear_orphans(store: CAFS, stale_after: float = 3600.0) -> list[str]:
+    """Remove journals whose leader died and temp files no live fetch owns.
+
+    A flight's temp file is kept while its leader holds the journal lock;
+    other temp files (from :meth:`CAFS.put`) once untouched for ``stale_after``.
+    :returns: the removed paths.
+    """
+    flights = Flights(store.root)
+    live, removed = _live_flights(flights)
+    cutoff = time.time() - stale_after
+    for path in store.temp_files():
+        name = os.path.basename(path)
+        m = _FLIGHT_TEMP.fullmatch(name)
+        try:
+            if m:
+                if m.group(1) in live:
+                    continue
+                # A leader writes its journal before its temp file: re-check it is not brand new.
+                if time.time() - os.stat(path).st_mtime < 1.0 and _live_flights_ids(flights, m.group(1)):
+                    continue
+            elif os.stat(path).st_mtime > cutoff:
+                continue
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def _live_flights_ids(flights: Flights, fid: str) -> bool:
+    live, _ = _live_flights(flights)
+    return fid in live
+
+
+def verify_store(store: CAFS, index: SQLiteIndex, repair: bool = False,
+                 progress: Callable[[int, int, int], None] | None = None) -> VerifyReport:
+    """Re-hash every blob and check every entry's blob exists; clear orphans.
+
+    :param repair: remove corrupt blobs (and the entries pointing at them) and
+        entries whose blob is missing.
+    :param progress: called as ``progress(done, total, bytes)`` after each blob.
+    """
+    report = VerifyReport(repaired=repair)
+    hashes = list(store)
+    for done, h in enumerate(hashes, 1):
+        try:
+            actual, size = hash_file(store.path(h))
+        except FileNotFoundError:
+            continue
+        report.blobs_checked += 1
+        report.bytes_checked += size
+        if actual != h:
+            log.warning("blob %s is corrupt: its content hashes to %s", h.hex, actual.hex)
+            report.corrupt_blobs.append(h)
+            if repair:
+                index.delete_hash(h)
+                store.delete(h)
+        if progress is not None:
+            progress(done, len(hashes), report.bytes_checked)
+    for entry in index:
+        if not store.exists(entry.hash):
+            report.missing_blob_entries.append((entry.key, entry.variant, entry.hash))
+            if repair:
+                index.delete(entry.key, entry.variant)
+    report.orphan_files = clear_orphans(store)
+    return report
+
+
+def store_usage(store: CAFS) -> tuple[int, int]:
+    """``(blobs, bytes)`` on disk now."""
+    count = size = 0
+    for h in store:
+        try:
+            size += store.size(h)
+            count += 1
+        except FileNotFoundError:
+            continue
+    return count, size
+
+
+@dataclass
+class GCReport:
+    """What :func:`collect_garbage` removed."""
+
+    before: int = 0
+    after: int = 0
+    evicted_entries: int = 0
+    removed_blobs: int = 0
+
+
+def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int, *, grace: float = 600.0,
+                    protect: float = 60.0) -> GCReport:
+    """Evict until the blobs take at most ``max_size`` bytes.
+
+    First blobs no entry points at, once older than ``grace`` seconds (a
+    younger one may be a commit whose entry is about to be written); then
+    entries least recently used first, removing each blob no entry points at
+    any more. Entries used in the last ``protect`` seconds are never evicted.
+    A blob still being sent keeps its bytes until the transfer ends: an open
+    file outlives its unlink.
+
+    :raises ValueError: if ``max_size`` is negative.
+    """
+    if max_size < 0:
+        raise ValueError("max_size must be >= 0")
+    report = GCReport()
+    sizes = {}
+    for h in store:
+        try:
+            st = os.stat(store.path(h))
+        except FileNotFoundError:
+            continue
+        sizes[h] = (st.st_size, st.st_mtime)
+    total = report.before = sum(s for s, _ in sizes.values())
+    now = time.time()
+    for h, (size, mtime) in sizes.items():
+        if total <= max_size:
+            break
+        if now - mtime > grace and not index.referenced(h):
+            if store.delete(h):
+                total -= size
+                report.removed_blobs += 1
+    while total > max_size:
+        batch = index.least_recently_used(256, used_before=now - protect)
+        if not batch:
+            break
+        for entry in batch:
+            if total <= max_size:
+                break
+            index.delete(entry.key, entry.variant)
+            report.evicted_entries += 1
+            if not index.referenced(entry.hash) and store.delete(entry.hash):
+                total -= sizes.get(entry.hash, (entry.size, 0))[0]
+                report.removed_blobs += 1
+    report.after = total
+    return report
+
+
+class SizeLimiter:
+    """Keeps a live store under ``max_size`` from a background thread.
+
+    Every worker may run one; a lock file next to the store lets one of them
+    collect at a time.
+    """
+
+    def __init__(self, store: CAFS, index: SQLiteIndex, max_size: int, interval: float = 30.0) -> None:
+        if max_size < 0 or interval <= 0:
+            raise ValueError("max_size must be >= 0 and interval > 0")
+        self.store, self.index, self.max_size, self.interval = store, index, max_size, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cachefetch-gc", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        lock_path = os.path.join(self.store.root, "gc.lock")
+        while not self._stop.wait(self.interval):
+            try:
+                with open(lock_path, "a") as lock:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                    report = collect_garbage(self.store, self.index, self.max_size)
+                    if report.evicted_entries or report.removed_blobs:
+                        log.info("gc: %d -> %d bytes, %d entries evicted, %d blobs removed", report.before,
+                                 report.after, report.evicted_entries, report.removed_blobs)
+            except Exception:
+                log.exception("background gc failed")

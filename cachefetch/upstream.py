@@ -1,0 +1,178 @@
+"""Fetching from an HTTP upstream with requests: pooled, bounded, and honest about failures.
+
+:class:`Upstream` wraps a :class:`requests.Session` whose connection pool is
+sized to the server's threads. It retries connection failures (nothing has
+been received yet, so a retry is safe), never a read, and turns requests'
+exceptions into three of its own that a proxy can map to status codes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+__all__ = ["Upstream", "UpstreamResponse", "UpstreamError", "UpstreamUnavailable", "UpstreamTimeout",
+           "UpstreamBodyError", "validate_base_url"]
+
+log = logging.getLogger("cachefetch.upstream")
+
+CHUNK_SIZE = 1 << 20
+
+
+class UpstreamError(Exception):
+    """The upstream could not give a usable answer."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Could not connect, or the connection broke before any response (502)."""
+
+
+class UpstreamTimeout(UpstreamError, TimeoutError):
+    """The upstream did not answer in time (504)."""
+
+
+class UpstreamBodyError(UpstreamError):
+    """The body broke off after the response started."""
+
+
+def validate_base_url(url: str) -> str:
+    """Check an upstream base URL (http or https, a host, no query or fragment).
+
+    :returns: the URL without a trailing slash.
+    :raises ValueError: otherwise.
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"upstream URL must be a string, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"upstream URL must be http(s)://host[:port][/path], got {url!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"upstream URL must not have a query, fragment or credentials: {url!r}")
+    try:
+        parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in upstream URL {url!r}") from exc
+    return url.rstrip("/")
+
+
+@dataclass
+class UpstreamResponse:
+    """A streaming response: status, headers, and the body as chunks."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    raw: requests.Response
+    started: float
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body in chunks of up to 1 MiB, as sent (no content decoding).
+
+        :raises UpstreamBodyError: if the connection breaks mid-body.
+        :raises UpstreamTimeout: if a read times out mid-body.
+        """
+        try:
+            while True:
+                chunk = self.raw.raw.read(CHUNK_SIZE, decode_content=False)
+                if not chunk:
+                    break
+                yield chunk
+        except requests.exceptions.ConnectionError as exc:
+            raise UpstreamBodyError(f"upstream body broke off: {exc}") from exc
+        except Exception as exc:
+            if _is_timeout(exc):
+                raise UpstreamTimeout(f"upstream body read timed out: {exc}") from exc
+            raise UpstreamBodyError(f"upstream body broke off: {exc!r}") from exc
+        finally:
+            self.close()
+
+    def content(self, limit: int) -> bytes:
+        """The whole (decoded) body, for small documents such as index pages.
+
+        :raises UpstreamBodyError: if it is larger than ``limit`` or breaks off.
+        """
+        out = bytearray()
+        try:
+            for chunk in self.raw.iter_content(CHUNK_SIZE):
+                out += chunk
+                if len(out) > limit:
+                    raise UpstreamBodyError(f"upstream document larger than {limit} bytes")
+        except requests.exceptions.RequestException as exc:
+            if _is_timeout(exc):
+                raise UpstreamTimeout(f"upstream body read timed out: {exc}") from exc
+            raise UpstreamBodyError(f"upstream body broke off: {exc}") from exc
+        finally:
+            self.close()
+        return bytes(out)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, (requests.exceptions.Timeout, TimeoutError)) or "timed out" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class Upstream:
+    """A pooled HTTP client for one proxy.
+
+    :param pool_size: connections kept per upstream host; match the threads.
+    :param connect_timeout: seconds to connect.
+    :param read_timeout: seconds to wait for each read (headers or a chunk).
+    :param connect_retries: retries of a failed connection before giving up.
+    :raises ValueError: on a bad number.
+    """
+
+    def __init__(self, pool_size: int = 32, connect_timeout: float = 5.0, read_timeout: float = 60.0,
+                 connect_retries: int = 2) -> None:
+        if pool_size < 1 or connect_timeout <= 0 or read_timeout <= 0 or connect_retries < 0:
+            raise ValueError("pool_size >= 1, timeouts > 0 and connect_retries >= 0 are required")
+        self.timeout = (connect_timeout, read_timeout)
+        retry = Retry(total=connect_retries, connect=connect_retries, read=0, status=0, other=0,
+                      redirect=0, backoff_factor=0.1, raise_on_status=False)
+        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=retry, pool_block=False)
+        self.session = requests.Session()
+        self.session.trust_env = False  # a proxy's own upstream must not be rerouted by env proxies
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def get(self, url: str, headers: Mapping[str, str] | None = None, method: str = "GET",
+            decode: bool = False) -> UpstreamResponse:
+        """Send ``method`` to ``url`` and return once the response headers are in.
+
+        Redirects are not followed: the caller decides whether a Location is allowed.
+
+        :param decode: ask for gzip and decode it (for documents read whole).
+        :raises UpstreamUnavailable: connection refused/reset/DNS failure.
+        :raises UpstreamTimeout: connect or first read timed out.
+        """
+        send = dict(headers or {})
+        send["Accept-Encoding"] = "gzip" if decode else "identity"
+        started = time.monotonic()
+        try:
+            raw = self.session.request(method, url, headers=send, stream=True, timeout=self.timeout,
+                                       allow_redirects=False)
+        except requests.exceptions.Timeout as exc:
+            raise UpstreamTimeout(f"{url}: {exc}") from exc
+        except requests.exceptions.ConnectionError as exc:
+            if _is_timeout(exc):
+                raise UpstreamTimeout(f"{url}: {exc}") from exc
+            raise UpstreamUnavailable(f"{url}: {exc}") from exc
+        except requests.exceptions.RequestException as exc:
+            raise UpstreamUnavailable(f"{url}: {exc}") from exc
+        headers_out = list(raw.raw.headers.items())
+        return UpstreamResponse(raw.status_code, raw.reason or "", headers_out, raw, started)
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self.session.close()
