@@ -116,20 +116,32 @@ class Lead:
         self._append("H", head)
 
     def done(self, hash_hex: str, size: int) -> None:
-        """Append ``D``: the body file is complete. The lock is kept until :meth:`release`."""
+        """Append ``D``: the body file is complete. The lock is kept until :meth:`release`.
+
+        :raises OSError: if the journal cannot be written (a full disk).
+        """
         self._append("D", {"hash": hash_hex, "size": size})
 
     def fail(self, why: str, message: str = "") -> None:
-        """Append ``F`` and release: ``why`` is ``upstream`` or ``abandoned``."""
-        if self._fd is not None:
-            self._append("F", {"why": why, "message": message[:500]})
-        self.release()
+        """Append ``F`` and release: ``why`` is ``upstream`` or ``abandoned``.
+
+        Never raises for a journal write: followers that cannot read the
+        record see a released lock with no final record, which also fails.
+        """
+        self._finish("F", {"why": why, "message": message[:500]})
 
     def uncacheable(self, status: int) -> None:
         """Append ``X`` and release: followers must ask the app themselves."""
-        if self._fd is not None:
-            self._append("X", {"status": status})
-        self.release()
+        self._finish("X", {"status": status})
+
+    def _finish(self, kind: str, record: dict[str, Any]) -> None:
+        try:
+            if self._fd is not None:
+                self._append(kind, record)
+        except OSError as exc:
+            log.warning("could not journal %s to %s: %s", kind, self.path, exc)
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Unlink the lock file and drop the lock (idempotent)."""
@@ -251,6 +263,8 @@ class Flights:
 
         A journal left by a leader that died is cleared (with its body file)
         on the way.
+
+        :raises OSError: if the journal cannot be created or written.
         """
         path = self.path(key)
         while True:
@@ -268,7 +282,12 @@ class Flights:
             if os.fstat(fd).st_size:
                 self._clear_dead(fd, path)
                 continue
-            return Lead(fd, path)
+            try:
+                return Lead(fd, path)
+            except BaseException:  # the journal could not be written (a full disk)
+                os.unlink(path)
+                os.close(fd)
+                raise
 
     def _clear_dead(self, fd: int, path: str) -> None:
         """Remove a dead leader's journal and body file; we hold its lock."""

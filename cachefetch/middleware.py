@@ -32,6 +32,7 @@ from .index import Entry, Index, SQLiteIndex
 from .inflight import Flights, Follow, Lead, LeaderGone
 from .serve import ServeOptions, StartResponse, WSGIEnviron, plain_response, serve_from_store
 from .store import CAFS, Blob
+from .logutil import warn_limited
 from .stream import CacheAbandoned, Committer, StreamThroughOptions, StreamThroughResult, stream_through
 
 __all__ = ["CacheFetch", "default_key", "close_all"]
@@ -182,8 +183,8 @@ class CacheFetch:
             else:
                 for (key, variant), when in uses.items():
                     self.index.touch(key, variant, when)
-        except Exception:
-            log.exception("recording %d entry uses failed", len(uses))
+        except Exception as exc:
+            warn_limited(log, "uses", "recording %d entry uses failed: %s", len(uses), exc)
 
     # -- entry point -----------------------------------------------------
 
@@ -276,7 +277,12 @@ class CacheFetch:
         deadline = time.monotonic() + self.wait_timeout
         while True:
             # A HEAD never stores a body, so it never leads a fetch.
-            lead = None if head_request else self.flights.lead(flight)
+            try:
+                lead = None if head_request else self.flights.lead(flight)
+                follow = None if lead is not None or authorized else self.flights.follow(flight)
+            except OSError as exc:  # e.g. a full disk: serve, just do not cache
+                warn_limited(log, "flights", "cannot coordinate fetches in %s: %s", self.flights.dir, exc)
+                return self._passthrough(environ, start_response, "fwd=miss; detail=store-unavailable")
             if lead is not None:
                 if not revalidate:  # a flight may have finished between lookup and lock
                     entry = self._matching(self.index.get(key), environ, authorized)
@@ -290,7 +296,6 @@ class CacheFetch:
                         if lead is None:
                             continue
                 return self._lead(environ, start_response, lead, key, stale, authorized)
-            follow = None if authorized else self.flights.follow(flight)
             if follow is None:
                 if head_request or authorized:
                     return self._passthrough(environ, start_response, "fwd=miss")
@@ -361,7 +366,10 @@ class CacheFetch:
 
         def on_start(tmp_path: str) -> None:
             head["body"] = tmp_path
-            lead.publish(head)
+            try:
+                lead.publish(head)
+            except OSError as exc:
+                raise CacheAbandoned(f"cannot journal the fetch: {exc}") from exc
 
         def on_abort(exc: BaseException) -> None:
             lead.fail("abandoned" if isinstance(exc, CacheAbandoned) else "upstream", repr(exc))

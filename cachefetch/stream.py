@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from .hashing import Hash, Hasher
+from .logutil import warn_limited
 from .serve import StartResponse, WSGIEnviron, normalize_headers, plain_response
 from .store import CAFS, Blob
 
@@ -78,7 +79,8 @@ class StreamThroughOptions:
         the upstream into the temp file on a background thread (up to
         ``max_size``) and complete as usual, instead of discarding.
     :param on_start: called with the temp path once it exists, before the
-        upstream is read (so others can follow the file as it grows).
+        upstream is read (so others can follow the file as it grows). If it
+        raises :class:`CacheAbandoned`, the body streams on uncached.
     :param on_abort: called with the reason (an exception) when the temp file
         is discarded for any reason but a HEAD request.
     :raises TypeError, ValueError: on an option of the wrong type or range.
@@ -179,7 +181,7 @@ class _Tee:
         try:
             self._file.write(chunk)
         except OSError as exc:  # a full disk must not cost the client its body
-            log.warning("not caching: writing %s failed: %s", self.temp_path, exc)
+            warn_limited(log, "temp-write", "not caching: writing %s failed: %s", self.temp_path, exc)
             self._abandon(CacheAbandoned(f"writing the temp file failed: {exc}"))
             return
         for h in self._hashers:
@@ -322,6 +324,8 @@ def stream_through(environ: WSGIEnviron, start_response: StartResponse,
     if opts.on_start is not None:
         try:
             opts.on_start(tee.temp_path)
+        except CacheAbandoned as exc:  # stream on, uncached
+            tee._abandon(exc)
         except BaseException:
             tee._fail(RuntimeError("on_start failed"))
             raise
