@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable
+from typing import Callable, Hashable, Iterable
 
 from .serve import ServeOptions, StartResponse, WSGIEnviron, plain_response, serve_from_store
 from .singleflight import Group, WaitTimeout

@@ -295,7 +295,11 @@ class CacheFetch:
                         lead = self.flights.lead(flight)
                         if lead is None:
                             continue
-                return self._lead(environ, start_response, lead, key, stale, authorized)
+                try:
+                    return self._lead(environ, start_response, lead, key, stale, authorized)
+                except BaseException as exc:  # whatever went wrong, followers must not wait on us
+                    lead.fail("upstream", repr(exc))
+                    raise
             if follow is None:
                 if head_request or authorized:
                     return self._passthrough(environ, start_response, "fwd=miss")
@@ -336,6 +340,9 @@ class CacheFetch:
             if served is not None:
                 return served
             raise
+        if not started:
+            _close(app_iter)
+            raise RuntimeError("the WSGI app returned without calling start_response")
         if written:
             app_iter = _Prepended(written, iter(app_iter), app_iter)
         status, headers = started

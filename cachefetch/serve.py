@@ -9,43 +9,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import BinaryIO, Iterable, Iterator, Mapping
 
 from werkzeug.http import parse_etags, parse_if_range_header, parse_range_header
 
 from .store import CAFS, Blob, BlobNotFound
+from .wsgi import StartResponse, WSGIEnviron, normalize_headers, plain_response  # noqa: F401  (re-exported)
 
 __all__ = ["ServeOptions", "serve_from_store", "etag_for", "normalize_headers", "plain_response"]
 
 log = logging.getLogger("cachefetch.serve")
 
-WSGIEnviron = dict[str, Any]
-StartResponse = Callable[..., Any]
-HeaderList = list[tuple[str, str]]
-
 _BLOCK_SIZE = 1 << 16
 _CONTENT_HEADERS = frozenset({"content-type", "content-length", "content-range", "accept-ranges", "etag"})
-
-
-def normalize_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """Check and copy response headers given as a mapping or as pairs.
-
-    :raises TypeError: if a name or value is not a ``str``.
-    :raises ValueError: if a name is empty or not a token, or a value holds
-        CR, LF or NUL (header injection).
-    """
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
-    out = []
-    for pair in pairs:
-        name, value = pair
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise TypeError(f"header names and values must be str: {name!r}: {value!r}")
-        if not name or any(c in name for c in " \t\r\n\0:"):
-            raise ValueError(f"invalid header name {name!r}")
-        if any(c in value for c in "\r\n\0"):
-            raise ValueError(f"invalid character in header {name!r}")
-        out.append((name, value))
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -82,15 +58,6 @@ class ServeOptions:
 def etag_for(blob: Blob) -> str:
     """The strong ETag (quoted) of a blob: its hex hash."""
     return f'"{blob.hash.hex}"'
-
-
-def plain_response(start_response: StartResponse, status: str, message: str,
-                   headers: Iterable[tuple[str, str]] = ()) -> list[bytes]:
-    """Answer with a short ``text/plain`` body saying what happened."""
-    body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
-                            ("Content-Length", str(len(body))), *headers])
-    return [body]
 
 
 class _FileRange:

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protoco
 
 from .hashing import Hash, Hasher
 from .logutil import warn_limited
-from .serve import StartResponse, WSGIEnviron, normalize_headers, plain_response
+from .wsgi import StartResponse, WSGIEnviron, normalize_headers, plain_response
 from .store import CAFS, Blob
 
 __all__ = ["StreamThroughOptions", "StreamThroughResult", "stream_through", "Committer", "UpstreamError",

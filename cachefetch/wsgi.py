@@ -1,0 +1,40 @@
+"""Small WSGI vocabulary shared by the modules that answer requests."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+__all__ = ["WSGIEnviron", "StartResponse", "HeaderList", "normalize_headers", "plain_response"]
+
+WSGIEnviron = dict[str, Any]
+StartResponse = Callable[..., Any]
+HeaderList = list[tuple[str, str]]
+
+
+def normalize_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Check and copy response headers given as a mapping or as pairs.
+
+    :raises TypeError: if a name or value is not a ``str``.
+    :raises ValueError: if a name is empty or not a token, or a value holds
+        CR, LF or NUL (header injection).
+    """
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    out = []
+    for pair in pairs:
+        name, value = pair
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"header names and values must be str: {name!r}: {value!r}")
+        if not name or any(c in name for c in " \t\r\n\0:"):
+            raise ValueError(f"invalid header name {name!r}")
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError(f"invalid character in header {name!r}")
+        out.append((name, value))
+    return tuple(out)
+
+
+def plain_response(start_response: StartResponse, status: str, message: str,
+                   headers: Iterable[tuple[str, str]] = ()) -> list[bytes]:
+    """Answer with a short ``text/plain`` body saying what happened."""
+    body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body))), *headers])
+    return [body]
