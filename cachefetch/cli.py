@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import sys
 from typing import Any, Sequence
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="(pypi) another host files may come from; repeatable")
     serve.add_argument("--index-ttl", type=float, default=600, help="(pypi) seconds an index page is fresh")
     serve.add_argument("--negative-ttl", type=float, default=60, help="seconds an upstream 404 is remembered")
+    serve.add_argument("--tag-ttl", type=float, default=300, help="(oci) seconds a manifest by tag is fresh")
+    serve.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect upstream")
+    serve.add_argument("--read-timeout", type=float, default=60.0, help="seconds to wait for each upstream read")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     for name, text in (("stats", "show what the store holds and how it was used"),
@@ -94,14 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
-        if not os.path.isdir(args.store):
-            print(f"cachefetch: error: no store at {args.store}", file=sys.stderr)
+        if not os.path.isdir(os.path.join(args.store, "blobs")):
+            print(f"cachefetch: error: no store at {args.store} (no blobs/ directory)", file=sys.stderr)
             return 2
         return {"stats": _stats, "verify": _verify, "gc": _gc}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError) as exc:
         print(f"cachefetch: error: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:  # e.g. index.sqlite3 is not a database
+        print(f"cachefetch: error: cannot use the index in {args.store}: {exc}", file=sys.stderr)
         return 2
 
 
@@ -117,8 +124,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .proxy import create_app  # imports prometheus_client: after the env is set
 
-    options = dict(files_upstreams=args.files_upstream, index_ttl=args.index_ttl,
-                   negative_ttl=args.negative_ttl, threads=args.threads)
+    options = dict(files_upstreams=args.files_upstream, index_ttl=args.index_ttl, tag_ttl=args.tag_ttl,
+                   negative_ttl=args.negative_ttl, threads=args.threads,
+                   connect_timeout=args.connect_timeout, read_timeout=args.read_timeout)
     # Build one app now, in the arbiter, so bad options fail before any worker starts.
     create_app(args.upstream, store_dir, args.protocol, **options).close()
     from gunicorn.app.base import BaseApplication
@@ -138,8 +146,11 @@ def _serve(args: argparse.Namespace) -> int:
                 "worker_class": "gthread", "timeout": 120, "graceful_timeout": 30,
                 "loglevel": args.log_level, "accesslog": "-", "worker_exit": _worker_exit,
                 "child_exit": _child_exit,
+                # gunicorn's control socket would live in ~/.gunicorn, shared by every server.
+                "control_socket_disable": True,
             }.items():
-                self.cfg.set(key, value)
+                if key in self.cfg.settings:  # older gunicorns lack some
+                    self.cfg.set(key, value)
 
         def load(self) -> Any:
             return load()

@@ -96,30 +96,23 @@ def clear_orphans(store: CAFS, stale_after: float = 3600.0) -> list[str]:
     :returns: the removed paths.
     """
     flights = Flights(store.root)
+    # A leader journals its flight id before it creates its temp file, so every
+    # temp file listed now belongs to a flight already in the journals read next.
+    temps = store.temp_files()
     live, removed = _live_flights(flights)
     cutoff = time.time() - stale_after
-    for path in store.temp_files():
-        name = os.path.basename(path)
-        m = _FLIGHT_TEMP.fullmatch(name)
+    for path in temps:
+        m = _FLIGHT_TEMP.fullmatch(os.path.basename(path))
         try:
-            if m:
-                if m.group(1) in live:
-                    continue
-                # A leader writes its journal before its temp file: re-check it is not brand new.
-                if time.time() - os.stat(path).st_mtime < 1.0 and _live_flights_ids(flights, m.group(1)):
-                    continue
-            elif os.stat(path).st_mtime > cutoff:
+            if m and m.group(1) in live:
+                continue
+            if not m and os.stat(path).st_mtime > cutoff:
                 continue
             os.unlink(path)
             removed.append(path)
         except FileNotFoundError:
             continue
     return removed
-
-
-def _live_flights_ids(flights: Flights, fid: str) -> bool:
-    live, _ = _live_flights(flights)
-    return fid in live
 
 
 def verify_store(store: CAFS, index: SQLiteIndex, repair: bool = False,
@@ -136,15 +129,16 @@ def verify_store(store: CAFS, index: SQLiteIndex, repair: bool = False,
         try:
             actual, size = hash_file(store.path(h))
         except FileNotFoundError:
-            continue
-        report.blobs_checked += 1
-        report.bytes_checked += size
-        if actual != h:
-            log.warning("blob %s is corrupt: its content hashes to %s", h.hex, actual.hex)
-            report.corrupt_blobs.append(h)
-            if repair:
-                index.delete_hash(h)
-                store.delete(h)
+            actual = None  # deleted while we walked
+        if actual is not None:
+            report.blobs_checked += 1
+            report.bytes_checked += size
+            if actual != h:
+                log.warning("blob %s is corrupt: its content hashes to %s", h.hex, actual.hex)
+                report.corrupt_blobs.append(h)
+                if repair:
+                    index.delete_hash(h)
+                    store.delete(h)
         if progress is not None:
             progress(done, len(hashes), report.bytes_checked)
     for entry in index:

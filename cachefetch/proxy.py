@@ -16,24 +16,26 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from typing import Any, Iterable, Iterator
+from urllib.parse import urljoin
 
 from . import metrics, policy
 from .index import SQLiteIndex
 from .middleware import CacheFetch
-from .protocols import LocalAnswer, Route, RouteError, make_protocol, safe_path
+from .protocols import LocalAnswer, Route, RouteError, make_protocol, netloc_of, safe_path
 from .serve import StartResponse, WSGIEnviron, plain_response
 from .store import CAFS
-from .upstream import (Upstream, UpstreamBodyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable)
+from .upstream import (Upstream, UpstreamError, UpstreamTimeout)
 
-__all__ = ["create_app", "Forwarder", "DigestMismatch"]
+__all__ = ["create_app", "Forwarder", "DigestMismatch", "path_key"]
 
 log = logging.getLogger("cachefetch.proxy")
 
 _DROP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                    "upgrade", "set-cookie", "set-cookie2", "server", "date", "via", "alt-svc", "age"})
 _DOCUMENT_LIMIT = 64 << 20
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
 
 
 class DigestMismatch(UpstreamError):
@@ -90,8 +92,9 @@ class Forwarder:
             route = self.protocol.route(safe_path(environ), environ)
         except RouteError as exc:
             return plain_response(start_response, _status(exc.status), str(exc))
-        if isinstance(route, LocalAnswer):
-            start_response(route.status, [*route.headers, ("Content-Length", str(len(route.body)))])
+        if isinstance(route, LocalAnswer):  # cheap to make again: not worth a blob
+            start_response(route.status, [*route.headers, ("Content-Length", str(len(route.body))),
+                                          ("Cache-Control", "no-store")])
             return [route.body] if method == "GET" else []
         return self._forward(environ, start_response, route, method)
 
@@ -108,6 +111,8 @@ class Forwarder:
         upstream_method = "HEAD" if method == "HEAD" and route.rewrite is None else "GET"
         try:
             resp = self.upstream.get(route.url, send, method=upstream_method, decode=route.rewrite is not None)
+            if route.digest is not None:
+                resp = self._follow_redirects(resp, route.url, send, upstream_method)
         except UpstreamTimeout as exc:
             return self._failed(start_response, "timeout", "504 Gateway Timeout", f"the upstream timed out: {exc}")
         except UpstreamError as exc:
@@ -158,11 +163,45 @@ class Forwarder:
             resp.close()
             start_response("200 OK", headers)
             return []
-        chunks: Iterable[bytes] = _counted(resp.chunks())
+        chunks: Iterator[bytes] = _counted(resp.chunks())
         if route.digest is not None:
             chunks = verified(chunks, *route.digest)
+        # The first chunk before the status: an upstream that times out or breaks
+        # before any byte of its body still gets an answer that says so (504/502).
+        try:
+            first = next(chunks, b"")
+        except UpstreamTimeout as exc:
+            resp.close()
+            return self._failed(start_response, "timeout", "504 Gateway Timeout", f"the upstream timed out: {exc}")
+        except UpstreamError as exc:
+            resp.close()
+            return self._failed(start_response, "body", "502 Bad Gateway", f"the upstream body failed: {exc}")
         start_response("200 OK", headers)
-        return _Body(chunks, resp)
+        return _Body(chunks, resp, first)
+
+    def _follow_redirects(self, resp: Any, url: str, send: dict[str, str], method: str) -> Any:
+        """Follow the upstream's redirects for a body named by its digest.
+
+        Registries send blob GETs to object storage (a 307 to a signed URL):
+        passing that on would send every client around the cache. The digest
+        check vouches for whatever comes back; credentials go only to the
+        host the route named.
+        """
+        for _ in range(_MAX_REDIRECTS):
+            location = policy.header(resp.headers, "Location")
+            if resp.status not in _REDIRECTS or not location:
+                return resp
+            resp.close()
+            target = urljoin(url, location.strip())
+            if not target.startswith(("http://", "https://")):
+                raise UpstreamError(f"{url} redirected to {target!r}, not an http(s) URL")
+            if netloc_of(target) != netloc_of(url):
+                send = {k: v for k, v in send.items() if k.lower() != "authorization"}
+            log.info("upstream %s %s -> %d, following to %s", method, url, resp.status, target)
+            url = target
+            resp = self.upstream.get(url, send, method=method)
+        resp.close()
+        raise UpstreamError(f"more than {_MAX_REDIRECTS} redirects from the upstream, last to {url}")
 
     @staticmethod
     def _failed(start_response: StartResponse, kind: str, status: str, message: str) -> Iterable[bytes]:
@@ -174,12 +213,15 @@ class Forwarder:
 class _Body:
     """The upstream body as a WSGI iterable whose ``close`` closes the response."""
 
-    def __init__(self, chunks: Iterable[bytes], resp: Any) -> None:
+    def __init__(self, chunks: Iterable[bytes], resp: Any, first: bytes = b"") -> None:
         self._chunks = iter(chunks)
         self._resp = resp
+        self._first = first
 
     def __iter__(self) -> Iterator[bytes]:
-        return self._chunks
+        if self._first:
+            yield self._first
+        yield from self._chunks
 
     def close(self) -> None:
         close = getattr(self._chunks, "close", None)
@@ -225,6 +267,13 @@ class ProxyApp:
         self.cached.app.upstream.close()
 
 
+def path_key(environ: WSGIEnviron) -> str:
+    """The proxy's cache key: path and query. The upstream is fixed, so the
+    Host a client sends must not split the cache (or its coalescing)."""
+    query = environ.get("QUERY_STRING", "")
+    return environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
+
+
 def create_app(upstream: str, store: CAFS | str | os.PathLike[str], protocol: str = "generic", *,
                files_upstreams: Iterable[str] | None = None, index_ttl: float = 600, tag_ttl: float = 300,
                negative_ttl: float = 60, stale_if_error: float | None = 7 * 86400, threads: int = 32,
@@ -250,6 +299,6 @@ def create_app(upstream: str, store: CAFS | str | os.PathLike[str], protocol: st
     forwarder = Forwarder(proto, client, negative_ttl=negative_ttl)
     store = store if isinstance(store, CAFS) else CAFS(store, fsync=fsync)
     index = SQLiteIndex(os.path.join(store.root, "index.sqlite3"))
-    cached = CacheFetch(forwarder, store, index=index, cache_statuses=(200, 404), stale_if_error=stale_if_error,
-                        max_object_size=max_object_size, wait_timeout=wait_timeout)
+    cached = CacheFetch(forwarder, store, index=index, key=path_key, cache_statuses=(200, 404),
+                        stale_if_error=stale_if_error, max_object_size=max_object_size, wait_timeout=wait_timeout)
     return ProxyApp(cached, index)

@@ -114,6 +114,8 @@ def _byte_range(environ: WSGIEnviron, size: int, etag: str) -> tuple[int, int] |
         # the client's (werkzeug's parser drops the client's W/, so look first).
         if weak or _unquote_etag(if_range.strip())[1] or parse_if_range_header(if_range).etag != tag:
             return None  # the client's copy is another version: send it all
+    if header.partition("=")[2].strip() == "-0":
+        return False  # a zero-length suffix: werkzeug reads it as "0-"
     rng = parse_range_header(header)
     # Malformed, multi-range or other units: RFC 9110 lets us ignore the header.
     if rng is None or rng.units != "bytes" or len(rng.ranges) != 1:

@@ -259,8 +259,13 @@ class CAFS:
     def _rename_into_place(self, tmp: str, h: Hash, size: int) -> Blob:
         final = self.path(h)
         if os.path.exists(final):
-            _unlink_quietly(tmp)
-            return Blob(h, size)
+            try:
+                # Fresh again: gc spares young unreferenced blobs, and this one is about to be used.
+                os.utime(final)
+                _unlink_quietly(tmp)
+                return Blob(h, size)
+            except FileNotFoundError:
+                pass  # removed under us: put ours in its place
         if self.fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:

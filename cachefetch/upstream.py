@@ -55,7 +55,7 @@ def validate_base_url(url: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"upstream URL must not have a query, fragment or credentials: {url!r}")
     try:
-        parts.port
+        _ = parts.port  # parses it: raises for a port out of range
     except ValueError as exc:
         raise ValueError(f"bad port in upstream URL {url!r}") from exc
     return url.rstrip("/")
@@ -72,14 +72,16 @@ class UpstreamResponse:
     started: float
 
     def chunks(self) -> Iterator[bytes]:
-        """The body in chunks of up to 1 MiB, as sent (no content decoding).
+        """The body in chunks of up to 1 MiB, as sent (no content decoding),
+        each as soon as it arrives: a trickling upstream's first bytes reach
+        the client without waiting for a whole chunk to fill.
 
         :raises UpstreamBodyError: if the connection breaks mid-body.
         :raises UpstreamTimeout: if a read times out mid-body.
         """
         try:
             while True:
-                chunk = self.raw.raw.read(CHUNK_SIZE, decode_content=False)
+                chunk = self.raw.raw.read1(CHUNK_SIZE, decode_content=False)
                 if not chunk:
                     break
                 yield chunk

@@ -74,8 +74,9 @@ def safe_path(environ: Mapping[str, Any]) -> str:
     """The request path, percent-encoded again, once proven harmless.
 
     WSGI servers give ``PATH_INFO`` percent-decoded, so ``%2e%2e`` is ``..``
-    here: dot segments, NUL and other control characters, and backslashes are
-    refused, so no path can climb out of the upstream prefix it is joined to.
+    here: dot segments (and disguises such as ``..;x``), NUL and other control
+    characters, and backslashes are refused, so no path can climb out of the
+    upstream prefix it is joined to.
 
     :raises RouteError: (400) for any of those.
     """
@@ -88,10 +89,16 @@ def safe_path(environ: Mapping[str, Any]) -> str:
         raise RouteError(400, "the path must start with /")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path) or "\\" in path:
         raise RouteError(400, "control characters or backslashes in the path")
-    segments = path.split("/")
-    if any(s in (".", "..") for s in segments):
+    if any(_dot_segment(s) for s in path.split("/")):
         raise RouteError(400, "dot segments in the path")
     return quote(path, safe="/:@!$&'()*+,;=-._~")
+
+
+def _dot_segment(segment: str) -> bool:
+    """``.``, ``..`` and the disguises some origins resolve as them: ``...``,
+    ``..;param`` (Tomcat and Spring drop path parameters), ``.. `` (trimmed)."""
+    head = segment.split(";", 1)[0].strip()
+    return head != "" and head.strip(".") == ""
 
 
 def safe_query(environ: Mapping[str, Any]) -> str:

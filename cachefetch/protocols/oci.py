@@ -8,7 +8,8 @@
 
 Digest-addressed answers are marked ``public``: their content is fixed by
 their name, so sharing them between clients is safe even when the client
-sent credentials (which are passed upstream).
+sent credentials (which are passed upstream). Manifests by tag are not:
+one fetched with credentials is never stored.
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ class OCIProtocol:
                 return Route(self.base + path, digest=("sha256", digest), cache_control=_IMMUTABLE,
                              forward=forward, headers=(("Docker-Content-Digest", reference),),
                              accept=accept)
-            return Route(self.base + path, cache_control=f"public, max-age={self.tag_ttl}", forward=forward,
+            # Not ``public``: a tag names no content, so what the upstream showed one
+            # client's credentials (a private manifest) is not stored for others.
+            return Route(self.base + path, cache_control=f"max-age={self.tag_ttl}", forward=forward,
                          vary=("Accept",), accept=accept)
         raise RouteError(404, "not an OCI blob or manifest path")

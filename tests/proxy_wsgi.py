@@ -1,0 +1,24 @@
+"""`cachefetch.proxy.create_app` as a gunicorn app module, configured from the
+environment, for the options the command line does not expose.
+
+    CF_PROXY_UPSTREAM      origin base URL (required)
+    CF_PROXY_STORE         store directory (required)
+    CF_PROXY_PROTOCOL      generic | pypi | oci (default generic)
+    CF_PROXY_READ_TIMEOUT  seconds (default 60)
+    CF_PROXY_TAG_TTL       (oci) seconds a manifest by tag stays fresh (default 300)
+"""
+from __future__ import annotations
+
+import os
+
+from cachefetch.proxy import create_app
+
+application = create_app(
+    os.environ["CF_PROXY_UPSTREAM"],
+    os.environ["CF_PROXY_STORE"],
+    os.environ.get("CF_PROXY_PROTOCOL", "generic"),
+    read_timeout=float(os.environ.get("CF_PROXY_READ_TIMEOUT", "60")),
+    tag_ttl=float(os.environ.get("CF_PROXY_TAG_TTL", "300")),
+    threads=8,
+    fsync=False,
+)

@@ -1,0 +1,318 @@
+"""cachefetch.maintenance: parse_size, collect_garbage, verify_store, SizeLimiter.
+
+Every store is a real CAFS + SQLiteIndex under tmp_path; ages are set with
+SQLiteIndex.touch (last use) and os.utime (blob mtime), never waited for.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+
+import pytest
+
+from harness import wait_until
+
+from cachefetch.hashing import hash_bytes
+from cachefetch.index import Entry, SQLiteIndex
+from cachefetch.maintenance import (SizeLimiter, clear_orphans, collect_garbage, parse_size, store_usage,
+                                    verify_store)
+from cachefetch.store import CAFS
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def cafs(tmp_path):
+    """A store and its index, as ``cachefetch serve`` lays them out; the index is closed afterwards."""
+    store = CAFS(tmp_path / "store", fsync=False)
+    index = SQLiteIndex(os.path.join(store.root, "index.sqlite3"))
+    yield store, index
+    index.close()
+
+
+def add(store: CAFS, index: SQLiteIndex, key: str, data: bytes, last_used: float | None = None) -> Entry:
+    """Store ``data`` as the entry ``key`` and set when it was last used."""
+    blob = store.put(data)
+    entry = Entry(key, "", blob.hash, blob.size)
+    index.put(entry)
+    if last_used is not None:
+        index.touch(key, "", last_used)
+    return entry
+
+
+def age_blob(store: CAFS, h, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(store.path(h), (then, then))
+
+
+def keys(index: SQLiteIndex) -> set[str]:
+    return {e.key for e in index}
+
+
+# -- parse_size -------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("1000", 1000),
+    ("0", 0),
+    ("500M", 500 << 20),
+    ("500m", 500 << 20),
+    ("20G", 20 << 30),
+    ("20GB", 20 << 30),
+    ("64K", 64 << 10),
+    ("1.5TiB", int(1.5 * (1 << 40))),
+    ("2T", 2 << 40),
+    (" 7 MiB ", 7 << 20),
+    ("12B", 12),
+])
+def test_parse_size_accepts(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "junk", "M", "-5", "5X", "1.2.3", "20 G B", "1e3", "inf", "nan", "0x10",
+                                  "5MM", "10 20"])
+def test_parse_size_rejects_junk(text):
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_parse_size_rejects_non_strings():
+    for value in (None, 500, b"500M"):
+        with pytest.raises(ValueError):
+            parse_size(value)
+
+
+# -- collect_garbage ----------------------------------------------------------
+
+def test_gc_evicts_least_recently_used_first_and_stops_at_the_size(cafs):
+    store, index = cafs
+    now = time.time()
+    # Inserted in one order, used in another: the order of last use must decide.
+    ages = {"c": 4 * HOUR, "a": 3 * HOUR, "d": 2 * HOUR, "b": 1 * HOUR}
+    blobs = {}
+    for key in "abcd":
+        blobs[key] = add(store, index, key, key.encode() * 1000, last_used=now - ages[key]).hash
+    assert store_usage(store) == (4, 4000)
+
+    report = collect_garbage(store, index, 3000)  # exactly one eviction reaches 3000
+    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (4000, 3000, 1, 1)
+    assert keys(index) == {"a", "b", "d"}
+    assert not store.exists(blobs["c"])
+
+    report = collect_garbage(store, index, 1500)  # 3000 -> 2000 is not enough; -> 1000 is
+    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (3000, 1000, 2, 2)
+    assert keys(index) == {"b"}
+    assert [store.exists(blobs[k]) for k in "abcd"] == [False, True, False, False]
+    assert store_usage(store) == (1, 1000)
+
+
+def test_gc_does_nothing_when_under_the_size(cafs):
+    store, index = cafs
+    add(store, index, "a", b"x" * 1000, last_used=time.time() - HOUR)
+    report = collect_garbage(store, index, 1000)
+    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (1000, 1000, 0, 0)
+    assert keys(index) == {"a"}
+
+
+def test_gc_never_evicts_an_entry_used_in_the_last_minute(cafs):
+    store, index = cafs
+    now = time.time()
+    old = add(store, index, "old", b"o" * 1000, last_used=now - 61)
+    recent = add(store, index, "recent", b"r" * 1000, last_used=now - 50)
+    fresh = add(store, index, "fresh", b"f" * 1000)  # put() records a use now
+    report = collect_garbage(store, index, 0)
+    assert keys(index) == {"recent", "fresh"}
+    assert not store.exists(old.hash)
+    assert store.exists(recent.hash) and store.exists(fresh.hash)
+    assert (report.evicted_entries, report.after) == (1, 2000)
+    # With a shorter protection window the same entries are fair game.
+    report = collect_garbage(store, index, 0, protect=10)
+    assert keys(index) == {"fresh"}
+    assert report.after == 1000
+
+
+def test_gc_removes_unreferenced_blobs_only_past_the_grace_period(cafs):
+    store, index = cafs
+    now = time.time()
+    entry = add(store, index, "a", b"a" * 1000, last_used=now - HOUR)
+    stale = store.put(b"s" * 1000).hash    # no entry, written long ago: a leftover
+    young = store.put(b"y" * 1000).hash    # no entry yet: maybe a commit whose entry is coming
+    age_blob(store, stale, 601)
+
+    report = collect_garbage(store, index, 2000)
+    # The old unreferenced blob goes first; that is enough, no entry is evicted.
+    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (3000, 2000, 0, 1)
+    assert not store.exists(stale)
+    assert store.exists(young) and keys(index) == {"a"}
+
+    report = collect_garbage(store, index, 0)
+    # The young blob is spared even though the store stays over the size.
+    assert store.exists(young)
+    assert not store.exists(entry.hash) and len(index) == 0
+    assert (report.after, report.evicted_entries, report.removed_blobs) == (1000, 1, 1)
+
+    report = collect_garbage(store, index, 0, grace=0.0)
+    assert not store.exists(young) and report.after == 0
+
+
+def test_gc_keeps_a_blob_another_entry_still_points_at(cafs):
+    store, index = cafs
+    now = time.time()
+    shared = b"shared" * 200
+    a = add(store, index, "a", shared, last_used=now - 3 * HOUR)
+    b = add(store, index, "b", b"b" * 1200, last_used=now - 2 * HOUR)
+    c = add(store, index, "c", shared, last_used=now - HOUR)
+    assert a.hash == c.hash
+    report = collect_garbage(store, index, 1500)
+    # Evicting "a" frees nothing ("c" still needs its blob), so "b" goes too.
+    assert keys(index) == {"c"}
+    assert store.exists(c.hash) and not store.exists(b.hash)
+    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (2400, 1200, 2, 1)
+
+
+def test_gc_counts_entries_whose_blob_is_already_gone(cafs):
+    store, index = cafs
+    now = time.time()
+    ghost = add(store, index, "ghost", b"g" * 1000, last_used=now - 2 * HOUR)
+    store.delete(ghost.hash)
+    add(store, index, "a", b"a" * 1000, last_used=now - HOUR)
+    add(store, index, "b", b"b" * 1000, last_used=now - 100)
+    report = collect_garbage(store, index, 1000)
+    assert keys(index) == {"b"}
+    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (2000, 1000, 2, 1)
+
+
+def test_gc_leaves_an_open_blob_readable(cafs):
+    store, index = cafs
+    entry = add(store, index, "a", b"being served" * 100, last_used=time.time() - HOUR)
+    with store.open(entry.hash) as f:
+        collect_garbage(store, index, 0)
+        assert not store.exists(entry.hash)
+        assert f.read() == b"being served" * 100
+
+
+def test_gc_rejects_a_negative_size(cafs):
+    store, index = cafs
+    with pytest.raises(ValueError):
+        collect_garbage(store, index, -1)
+
+
+# -- verify_store / clear_orphans ---------------------------------------------
+
+def test_verify_store_reports_progress_for_every_blob(cafs):
+    store, index = cafs
+    for i in range(3):
+        add(store, index, f"k{i}", bytes([i]) * (100 * (i + 1)))
+    calls = []
+    report = verify_store(store, index, progress=lambda *a: calls.append(a))
+    assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)]
+    assert calls[-1][2] == 600 == report.bytes_checked
+    assert report.blobs_checked == 3 and not report.damaged and report.orphan_files == []
+
+
+def test_verify_store_repair_removes_the_corrupt_blob_and_every_entry_on_it(cafs):
+    store, index = cafs
+    bad = add(store, index, "bad1", b"will rot" * 50)
+    add(store, index, "bad2", b"will rot" * 50)
+    good = add(store, index, "good", b"fine" * 50)
+    path = store.path(bad.hash)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(b"ROT")
+    report = verify_store(store, index)
+    assert report.corrupt_blobs == [bad.hash] and report.damaged and not report.repaired
+    assert store.exists(bad.hash) and keys(index) == {"bad1", "bad2", "good"}
+    report = verify_store(store, index, repair=True)
+    assert report.corrupt_blobs == [bad.hash] and report.repaired
+    assert report.missing_blob_entries == []  # removed with the blob, not reported twice
+    assert not store.exists(bad.hash) and keys(index) == {"good"} and store.exists(good.hash)
+    assert not verify_store(store, index).damaged
+
+
+def test_clear_orphans_spares_young_put_temps(cafs):
+    store, _ = cafs
+    f, young = store.new_temp()
+    f.close()
+    f, old = store.new_temp()
+    f.close()
+    then = time.time() - 2 * HOUR
+    os.utime(old, (then, then))
+    assert clear_orphans(store) == [old]
+    assert os.path.exists(young) and not os.path.exists(old)
+    assert clear_orphans(store, stale_after=0) == [young]
+
+
+# -- SizeLimiter -------------------------------------------------------------
+
+def test_size_limiter_shrinks_a_store_in_the_background_and_stop_joins(cafs):
+    store, index = cafs
+    now = time.time()
+    entries = [add(store, index, f"k{i}", bytes([i]) * 4096, last_used=now - (10 - i) * HOUR) for i in range(6)]
+    assert store_usage(store)[1] == 6 * 4096
+    limiter = SizeLimiter(store, index, max_size=2 * 4096, interval=0.01)
+    limiter.start()
+    try:
+        wait_until(lambda: store_usage(store)[1] <= 2 * 4096, timeout=15, what="the store to shrink")
+    finally:
+        limiter.stop()
+    assert not limiter._thread.is_alive()
+    assert keys(index) == {"k4", "k5"}  # the two used most recently
+    assert [store.exists(e.hash) for e in entries] == [False] * 4 + [True] * 2
+    assert os.path.exists(os.path.join(store.root, "gc.lock"))
+
+
+def test_size_limiter_stop_does_not_wait_for_the_interval(cafs):
+    store, index = cafs
+    limiter = SizeLimiter(store, index, max_size=0, interval=3600)
+    limiter.start()
+    stopper = threading.Thread(target=limiter.stop, daemon=True)
+    stopper.start()
+    stopper.join(10)
+    assert not stopper.is_alive(), "stop() waited for the interval"
+    assert not limiter._thread.is_alive()
+
+
+def test_size_limiter_defers_to_another_collector_holding_the_lock(cafs):
+    store, index = cafs
+    now = time.time()
+    for i in range(3):
+        add(store, index, f"k{i}", bytes([i]) * 1000, last_used=now - HOUR)
+    lock_path = os.path.join(store.root, "gc.lock")
+    # Another worker's collector holds the lock: this limiter must keep out of the way.
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        seen = threading.Event()
+        limiter = SizeLimiter(store, index, max_size=0, interval=0.01)
+        original = limiter._stop.wait
+
+        def counting_wait(timeout):
+            # Each wait after the first follows one pass of the loop body.
+            if counting_wait.calls >= 5:
+                seen.set()
+            counting_wait.calls += 1
+            return original(timeout)
+
+        counting_wait.calls = 0
+        limiter._stop.wait = counting_wait
+        limiter.start()
+        try:
+            assert seen.wait(15), "the limiter's loop did not run"
+            assert store_usage(store) == (3, 3000) and len(index) == 3
+        finally:
+            limiter.stop()
+    # The lock released, the next pass collects.
+    limiter = SizeLimiter(store, index, max_size=0, interval=0.01)
+    limiter.start()
+    try:
+        wait_until(lambda: store_usage(store)[0] == 0, timeout=15, what="the store to empty")
+    finally:
+        limiter.stop()
+
+
+def test_size_limiter_rejects_bad_settings(cafs):
+    store, index = cafs
+    with pytest.raises(ValueError):
+        SizeLimiter(store, index, max_size=-1)
+    with pytest.raises(ValueError):
+        SizeLimiter(store, index, max_size=10, interval=0)
