@@ -43,6 +43,8 @@ WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 _WAIT_POLICIES = ("passthrough", "504")
 _CACHE_STATUS = "Cache-Status"
 _USE_FLUSH_SECONDS = 5.0
+_CONDITIONAL_HEADERS = frozenset({"HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_MATCH",
+                                  "HTTP_IF_UNMODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE"})
 _NAME = "cachefetch"
 
 
@@ -115,19 +117,16 @@ class CacheFetch:
             raise TypeError("clock must be a callable returning epoch seconds")
         if key is not None and not callable(key):
             raise TypeError("key must be a callable environ -> str | None")
-        if default_ttl is not None and not (isinstance(default_ttl, (int, float)) and default_ttl >= 0):
-            raise ValueError(f"default_ttl must be seconds >= 0 or None, got {default_ttl!r}")
-        if not isinstance(wait_timeout, (int, float)) or not wait_timeout >= 0:  # NaN too
-            raise ValueError(f"wait_timeout must be seconds >= 0, got {wait_timeout!r}")
+        _check_amount("default_ttl", default_ttl, allow_none=True)
+        _check_amount("wait_timeout", wait_timeout)
         if on_wait_timeout not in _WAIT_POLICIES:
             raise ValueError(f"on_wait_timeout must be one of {_WAIT_POLICIES}, got {on_wait_timeout!r}")
-        if max_object_size is not None and (not isinstance(max_object_size, int) or max_object_size < 0):
-            raise ValueError(f"max_object_size must be bytes >= 0 or None, got {max_object_size!r}")
+        _check_amount("max_object_size", max_object_size, allow_none=True, integer=True)
         statuses = tuple(cache_statuses)
-        if not statuses or not all(isinstance(s, int) and 200 <= s <= 599 and s != 206 for s in statuses):
+        if not statuses or not all(isinstance(s, int) and not isinstance(s, bool) and 200 <= s <= 599 and s != 206
+                                   for s in statuses):
             raise ValueError(f"cache_statuses must be HTTP statuses 200-599 other than 206, got {statuses!r}")
-        if stale_if_error is not None and (not isinstance(stale_if_error, (int, float)) or not stale_if_error >= 0):
-            raise ValueError(f"stale_if_error must be seconds >= 0 or None, got {stale_if_error!r}")
+        _check_amount("stale_if_error", stale_if_error, allow_none=True)
         if index is not None and not all(callable(getattr(index, m, None))
                                          for m in ("get", "put", "delete", "close")):
             raise TypeError(f"index must implement cachefetch.index.Index, not {type(index).__name__}")
@@ -296,7 +295,8 @@ class CacheFetch:
                         if lead is None:
                             continue
                 try:
-                    return self._lead(environ, start_response, lead, key, stale, authorized)
+                    return self._lead(environ, start_response, lead, key, stale, authorized,
+                                      "request" if revalidate else "stale" if stale else "miss")
                 except BaseException as exc:  # whatever went wrong, followers must not wait on us
                     lead.fail("upstream", repr(exc))
                     raise
@@ -318,7 +318,7 @@ class CacheFetch:
     # -- the leader ------------------------------------------------------
 
     def _lead(self, environ: WSGIEnviron, start_response: StartResponse, lead: Lead, key: str,
-              stale: Entry | None, authorized: bool) -> Iterable[bytes]:
+              stale: Entry | None, authorized: bool, forward: str) -> Iterable[bytes]:
         started: list[Any] = []
         written: list[bytes] = []
 
@@ -328,8 +328,11 @@ class CacheFetch:
             started[:] = [status, list(headers)]
             return written.append  # the legacy write(): buffered before the body
 
+        # The cache answers conditionals and ranges itself; what it stores must be
+        # the whole response, or the followers would be sent to the app.
+        app_environ = {k: v for k, v in environ.items() if k not in _CONDITIONAL_HEADERS}
         try:
-            app_iter: Iterable[bytes] = self.app(environ, capture)
+            app_iter: Iterable[bytes] = self.app(app_environ, capture)
             if not started:  # the app may call start_response on its first chunk
                 chunks = iter(app_iter)
                 first = next(chunks, b"")
@@ -352,6 +355,8 @@ class CacheFetch:
         ttl = policy.freshness_lifetime(headers, self.default_ttl, now) if reason is None else None
         if reason is None and ttl is not None and ttl <= 0:
             reason = "already stale"
+        if reason is None and self.max_object_size is not None and _content_length(headers) > self.max_object_size:
+            reason = "too large"
         if reason is not None:
             lead.uncacheable(code)
             if code >= 500:
@@ -401,7 +406,7 @@ class CacheFetch:
         opts = StreamThroughOptions(
             content_type=content_type,
             extra_headers=[(k, v) for k, v in keep if k.lower() != "content-type"]
-            + [(_CACHE_STATUS, f"{_NAME}; fwd={'stale' if stale else 'miss'}; stored")],
+            + [(_CACHE_STATUS, f"{_NAME}; fwd={forward}; stored")],
             content_length=length, temp_dir=self.store.temp_dir, temp_prefix=lead.temp_prefix, status=status,
             max_size=self.max_object_size, finish_on_disconnect=True,
             on_start=on_start, on_abort=on_abort)
@@ -515,6 +520,16 @@ def _close(obj: object) -> None:
     close = getattr(obj, "close", None)
     if callable(close):
         close()
+
+
+def _check_amount(name: str, value: object, *, allow_none: bool = False, integer: bool = False) -> None:
+    """Seconds (or, with ``integer``, bytes) >= 0: no bool, no NaN, no infinity for bytes."""
+    if value is None and allow_none:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value >= 0:  # NaN fails >= 0
+        unit = "bytes" if integer else "seconds"
+        raise ValueError(f"{name} must be {unit} >= 0{' or None' if allow_none else ''}, got {value!r}")
 
 
 def _status_line(code: int) -> str:

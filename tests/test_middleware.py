@@ -337,7 +337,7 @@ def test_request_no_cache_refetches_and_stores(make, headers):
     r = stored_then_flush(mw, c, headers=headers)
     assert app.calls == 2
     assert r.data.startswith(b"call=2 ")
-    assert cache_status(r).endswith("; stored")
+    assert cache_status(r) == "cachefetch; fwd=request; stored"  # RFC 9211: the request forced it
     r = get(c)
     assert cache_status(r).startswith(HIT)
     assert r.data.startswith(b"call=2 ")  # the refetched response replaced the old one
@@ -1187,3 +1187,39 @@ def test_a_follower_of_another_variant_gets_its_own(make, monkeypatch):
         assert again.headers["Cache-Status"].startswith(HIT) and again.body == r.body
     assert len(environs) == 2
     assert_clean(mw)
+
+
+def test_leader_asks_the_app_for_the_whole_unconditional_response(make):
+    """The cache answers conditionals and ranges itself: the app is asked for the
+    full 200 so that it can be stored and shared with followers."""
+    app = App(headers=[("Cache-Control", "max-age=60"), ("ETag", '"v1"')])
+    mw = make(app)
+    c = client(mw)
+    r = stored_then_flush(mw, c, headers={"If-None-Match": '"v1"', "Range": "bytes=0-3",
+                                          "If-Modified-Since": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    assert r.status_code == 200 and r.data.startswith(b"call=1 ")
+    seen = app.environs[0]
+    assert not {"HTTP_IF_NONE_MATCH", "HTTP_RANGE", "HTTP_IF_MODIFIED_SINCE"} & seen.keys()
+    hit = get(c, headers={"Range": "bytes=0-3"})
+    assert hit.status_code == 206 and hit.data == b"call"
+    assert app.calls == 1
+    assert_clean(mw)
+
+
+def test_announced_length_over_max_object_size_is_not_stored_and_says_so(make):
+    app = App(headers=[("Cache-Control", "max-age=60"), ("Content-Length", "2048")], size=2048)
+    mw = make(app, max_object_size=1024)
+    c = client(mw)
+    r = stored_then_flush(mw, c)
+    assert len(r.data) == 2048
+    assert cache_status(r) == "cachefetch; fwd=miss; detail=too-large"
+    assert get(c).data.startswith(b"call=2 ")
+    assert list(mw.store) == []
+    assert_clean(mw)
+
+
+@pytest.mark.parametrize("kw", [{"max_object_size": True}, {"wait_timeout": False}, {"default_ttl": True},
+                                {"cache_statuses": (True,)}])
+def test_booleans_are_not_numbers(tmp_path, kw):
+    with pytest.raises(ValueError):
+        CacheFetch(_app, tmp_path / "store", **kw)
