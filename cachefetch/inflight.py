@@ -313,9 +313,15 @@ class Flights:
             return None
         return Follow(fd)
 
-    def orphans(self) -> list[str]:
-        """Lock files whose leader is gone (left by killed workers)."""
-        out = []
+    def survey(self, remove_dead: bool = False) -> tuple[set[str], list[str]]:
+        """Look at every journal without disturbing a live one.
+
+        :param remove_dead: unlink the journals whose leader is gone (done
+            while holding their lock, so no one can join them meanwhile).
+        :returns: ``(flight ids of live leaders, paths of dead journals)``.
+        """
+        live: set[str] = set()
+        dead: list[str] = []
         for name in os.listdir(self.dir):
             path = os.path.join(self.dir, name)
             try:
@@ -323,8 +329,26 @@ class Flights:
             except FileNotFoundError:
                 continue
             try:
-                if _try_lock(fd):
-                    out.append(path)
+                if not _try_lock(fd):
+                    try:
+                        fid = _parse(os.pread(fd, 1 << 20, 0)).fid
+                    except ValueError:
+                        fid = None
+                    if fid:
+                        live.add(fid)
+                    continue
+                try:
+                    if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                        continue  # finished and replaced under us
+                except FileNotFoundError:
+                    continue
+                dead.append(path)
+                if remove_dead:
+                    os.unlink(path)
             finally:
                 os.close(fd)
-        return out
+        return live, dead
+
+    def orphans(self) -> list[str]:
+        """Lock files whose leader is gone (left by killed workers)."""
+        return self.survey()[1]

@@ -58,36 +58,6 @@ class VerifyReport:
         return bool(self.corrupt_blobs or self.missing_blob_entries)
 
 
-def _live_flights(flights: Flights) -> tuple[set[str], list[str]]:
-    """Flight ids whose leader is alive, and journal files whose leader is gone."""
-    live, dead = set(), []
-    for name in os.listdir(flights.dir):
-        path = os.path.join(flights.dir, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                head = os.pread(fd, 4096, 0).split(b"\n", 1)[0]
-                m = re.search(rb'"fid":"([0-9a-f]{16})"', head)
-                if m:
-                    live.add(m.group(1).decode())
-                continue
-            # Ours now: no leader holds it. Unlink while locked, so no one joins it.
-            try:
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    dead.append(path)
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
-        finally:
-            os.close(fd)
-    return live, dead
-
-
 def clear_orphans(store: CAFS, stale_after: float = 3600.0) -> list[str]:
     """Remove journals whose leader died and temp files no live fetch owns.
 
@@ -99,7 +69,7 @@ def clear_orphans(store: CAFS, stale_after: float = 3600.0) -> list[str]:
     # A leader journals its flight id before it creates its temp file, so every
     # temp file listed now belongs to a flight already in the journals read next.
     temps = store.temp_files()
-    live, removed = _live_flights(flights)
+    live, removed = flights.survey(remove_dead=True)
     cutoff = time.time() - stale_after
     for path in temps:
         m = _FLIGHT_TEMP.fullmatch(os.path.basename(path))
