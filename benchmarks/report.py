@@ -1,0 +1,113 @@
+"""Shared output of the benchmark scripts: Markdown tables, a results file, a PNG chart.
+
+- :func:`markdown_table` renders rows as a GitHub Markdown table;
+- :func:`write_markdown` writes a results file (``benchmarks/results/*.md``);
+- :func:`ratio_chart` draws a horizontal bar chart of ratios (one bar per
+  measurement, the goal marked where there is one) with matplotlib, the
+  ``bench`` extra. Without matplotlib it draws nothing and says why, so a
+  benchmark still prints and writes its tables.
+
+It imports nothing from ``cachefetch`` or ``tests``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["Bar", "markdown_table", "write_markdown", "ratio_chart", "met"]
+
+
+def met(ok: bool | None) -> str:
+    """The "met" cell: ``yes``, ``**no**``, or ``—`` when there is no goal."""
+    if ok is None:
+        return "—"
+    return "yes" if ok else "**no**"
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """``header`` and ``rows`` as a Markdown table (``|`` in cells is escaped)."""
+    out = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"row has {len(row)} cells, header {len(header)}: {row!r}")
+        out.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return "\n".join(out)
+
+
+def write_markdown(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` (creating its directory), ending with one newline."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text.rstrip("\n") + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar: ``ratio`` (nan = not measured), and the ``goal`` it should reach.
+
+    :param higher_is_better: whether the goal is a floor (``ratio >= goal``)
+        or a ceiling (``ratio <= goal``).
+    """
+
+    label: str
+    ratio: float
+    goal: float | None = None
+    higher_is_better: bool = True
+
+    @property
+    def ok(self) -> bool | None:
+        if self.goal is None or math.isnan(self.ratio):
+            return None
+        return self.ratio >= self.goal if self.higher_is_better else self.ratio <= self.goal
+
+
+def ratio_chart(path: str, bars: Sequence[Bar], title: str, xlabel: str = "ratio",
+                subtitle: str | None = None) -> str | None:
+    """Draw ``bars`` into the PNG ``path``.
+
+    Bars are green where the goal is met, red where it is missed, grey where
+    there is no goal; a goal is a black tick on its bar, 1.0 a dotted line.
+
+    :returns: ``None`` on success, else why no chart was drawn (matplotlib missing).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (`pip install matplotlib`, or the `bench` extra)"
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    shown = [b for b in bars if not math.isnan(b.ratio)]
+    height = 1.2 + 0.45 * max(1, len(shown))
+    fig, ax = plt.subplots(figsize=(10, height))
+    try:
+        ys = list(range(len(shown)))[::-1]
+        colors = ["#9e9e9e" if b.ok is None else ("#2e7d32" if b.ok else "#c62828") for b in shown]
+        ax.barh(ys, [b.ratio for b in shown], color=colors, height=0.6)
+        top = max([b.ratio for b in shown] + [b.goal or 0 for b in shown] + [1.0])
+        for y, b in zip(ys, shown):
+            ax.text(b.ratio + top * 0.01, y, f"{b.ratio:.2f}", va="center", fontsize=9)
+            if b.goal is not None:
+                ax.plot([b.goal, b.goal], [y - 0.38, y + 0.38], color="black", linewidth=2)
+                sign = "≥" if b.higher_is_better else "≤"
+                ax.text(b.goal, y + 0.42, f"goal {sign} {b.goal:g}", fontsize=7, ha="center")
+        ax.axvline(1.0, color="black", linestyle=":", linewidth=1)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([b.label for b in shown], fontsize=9)
+        ax.set_xlim(0, top * 1.15)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return None
