@@ -1,0 +1,831 @@
+#!/usr/bin/env python3
+"""Benchmark the CacheFetch middleware under real gunicorn; print a Markdown table.
+
+Every server is ``python -m gunicorn -k gthread -w 2 --threads 32`` on
+127.0.0.1, serving an app from ``benchmarks/bench_apps.py``; the load comes
+from ``wrk`` when it is on PATH, else from a Python client. Every number in
+the table is measured in the same run:
+
+1. hit path, 4 KiB body: req/s of a Flask view wrapped in CacheFetch (entry
+   warmed first) vs the same app unwrapped (body from memory), and vs the same
+   view cached by Flask-Caching's FileSystemCache. Goals: >= 0.85 and >= 2.0.
+2. hit path, 10 MiB body: server CPU seconds per request (utime+stime of the
+   worker processes from /proc/PID/stat, before vs after a fixed number of
+   requests) for CacheFetch vs a bare ``wsgi.file_wrapper`` app sending the
+   same file. Goal: <= 1.2.
+3. the herd: 48 clients started together on one cold URL of an app that
+   takes 1 s to its first byte and trickles 10 MiB over 1 s: app calls,
+   leader and follower time to first byte, total time.
+4. peak RSS of the workers while one client pulls a 1 GiB body through
+   CacheFetch from a generating app (cold miss). Goal: grows < 64 MiB.
+
+CacheFetch runs with its defaults, fsync included. Each scenario gets a fresh
+store from ``tempfile.mkdtemp``; everything is removed at the end, also on
+errors and Ctrl-C. Nothing contacts a host other than 127.0.0.1. The table is
+also written to ``benchmarks/results/middleware.md``.
+
+Usage: ``python benchmarks/bench_middleware.py [--quick] [--no-wrk]``
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import importlib.util
+import multiprocessing
+import os
+import platform
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results", "middleware.md")
+sys.path.insert(0, HERE)
+
+import blake3  # noqa: E402
+
+import bench_apps  # noqa: E402  (constants and the herd's body; builds no app without BENCH_APP)
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+HOST = "127.0.0.1"
+WORKERS, THREADS = 2, 32
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# -- gunicorn ------------------------------------------------------------------------
+
+_CONFIG = """
+import os
+
+def post_worker_init(worker):
+    open(os.path.join({ready!r}, str(os.getpid())), "w").close()
+
+def worker_exit(server, worker):
+    try:
+        from cachefetch.middleware import close_all
+    except ImportError:
+        return
+    close_all()  # let queued commits land
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Gunicorn:
+    """``gunicorn -k gthread -w 2 --threads 32`` serving ``bench_apps:application``."""
+
+    def __init__(self, workdir: str, name: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix=f"gunicorn-{name}-", dir=workdir)
+        self.ready = os.path.join(self.dir, "ready")
+        os.mkdir(self.ready)
+        self.log_path = os.path.join(self.dir, "gunicorn.log")
+        config = os.path.join(self.dir, "gunicorn.conf.py")
+        with open(config, "w") as f:
+            f.write(_CONFIG.format(ready=self.ready))
+        full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, HERE]), "PYTHONUNBUFFERED": "1", **env}
+        for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            full_env.pop(proxy, None)
+        cmd = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(WORKERS), "--threads", str(THREADS),
+               "-b", f"{HOST}:{self.port}", "--timeout", "300", "--graceful-timeout", "30",
+               "--log-level", "warning", "-c", config, "bench_apps:application"]
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=self.dir,
+                                         start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while len(os.listdir(self.ready)) < WORKERS:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"gunicorn ({name}) exited with {self.proc.returncode}:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gunicorn ({name}) workers did not boot:\n{self.log_tail()}")
+                time.sleep(0.05)  # another process's files: nothing to block on
+            self.pids = sorted(int(p) for p in os.listdir(self.ready))
+            while True:
+                try:
+                    socket.create_connection((HOST, self.port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the worker processes (all their threads, live and ended)."""
+        return sum(proc_cpu(pid) for pid in self.pids)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # any worker the arbiter left behind
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime: fields 14 and 15
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs; /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def children_cpu() -> float:
+    """CPU seconds of this script's waited-for children (wrk, the Python load processes)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def proc_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KiB
+    return 0
+
+
+# -- clients ---------------------------------------------------------------------------
+
+@dataclass
+class Fetched:
+    status: int
+    headers: http.client.HTTPMessage
+    size: int
+    digest: str
+    start: float
+    first_byte: float
+    end: float
+
+    @property
+    def ttfb(self) -> float:
+        return self.first_byte - self.start
+
+
+def fetch(port: int, path: str, start: float | None = None, keep: bool = False,
+          headers: dict | None = None, timeout: float = 120) -> tuple[Fetched, bytes | None]:
+    """One GET on a fresh connection: status, headers, size and BLAKE3 of the body, timings."""
+    t0 = time.monotonic() if start is None else start
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        hasher = blake3.blake3()
+        kept = [] if keep else None
+        size, first = 0, None
+        while True:
+            data = resp.read1(1 << 18)
+            if not data:
+                break
+            if first is None:
+                first = time.monotonic()
+            hasher.update(data)
+            size += len(data)
+            if kept is not None:
+                kept.append(data)
+        now = time.monotonic()
+        return (Fetched(resp.status, resp.headers, size, hasher.hexdigest(), t0, first or now, now),
+                b"".join(kept) if kept is not None else None)
+    finally:
+        conn.close()
+
+
+def pull(port: int, path: str, buffer_size: int = MiB) -> tuple[int, int]:
+    """GET ``path`` on a fresh connection, reading into one buffer and discarding: (status, bytes)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=300)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        buf = memoryview(bytearray(buffer_size))
+        got = 0
+        while n := resp.readinto(buf):
+            got += n
+        return resp.status, got
+    finally:
+        conn.close()
+
+
+def fixed_requests(port: int, path: str, count: int, concurrency: int) -> tuple[int, int, float]:
+    """``count`` keep-alive GETs from ``concurrency`` threads, bodies discarded: (ok, bytes, seconds)."""
+    lock = threading.Lock()
+    left = [count]
+    ok = [0]
+    total = [0]
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=120)
+        buf = memoryview(bytearray(MiB))
+        try:
+            while True:
+                with lock:
+                    if left[0] == 0:
+                        return
+                    left[0] -= 1
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                got = 0
+                while n := resp.readinto(buf):
+                    got += n
+                with lock:
+                    total[0] += got
+                    ok[0] += resp.status == 200
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"client failed: {errors[0]!r}")
+    return ok[0], total[0], time.monotonic() - t0
+
+
+@dataclass
+class Load:
+    requests: int
+    seconds: float
+    non_2xx: int
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+_DURATION = re.compile(r"([\d.]+)(us|ms|s|m|h)")
+
+
+def run_wrk(port: int, path: str, seconds: float, connections: int, threads: int) -> Load:
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+                          f"http://{HOST}:{port}{path}"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+\w+),", out)
+    if not m:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    value, unit = _DURATION.fullmatch(m.group(2)).groups()
+    secs = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}[unit]
+    non_2xx = int(m2.group(1)) if (m2 := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    errors = sum(map(int, m3.groups())) if (m3 := re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
+    return Load(int(m.group(1)), secs, non_2xx, errors)
+
+
+def _py_load_process(port: int, path: str, connections: int, seconds: float, results) -> None:
+    """One load process: ``connections`` keep-alive connections, one request in flight on each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (terminate) when it is interrupted
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    sel = selectors.DefaultSelector()
+    done = non_2xx = errors = 0
+
+    def connect():
+        s = socket.create_connection((HOST, port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        s.send(request)
+        sel.register(s, selectors.EVENT_READ, {"buf": bytearray(), "need": None, "status": 0})
+
+    for _ in range(connections):
+        connect()
+    start = time.monotonic()
+    deadline = start + seconds
+    while sel.get_map():
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        for key, _ in sel.select(timeout=deadline - now):
+            s, st = key.fileobj, key.data
+            try:
+                data = s.recv(1 << 18)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:  # the server closed the connection: open another
+                sel.unregister(s)
+                s.close()
+                errors += 1
+                connect()
+                continue
+            buf = st["buf"]
+            buf += data
+            while True:
+                if st["need"] is None:
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        break
+                    head = bytes(buf[:end]).decode("latin-1")
+                    st["status"] = int(head.split(" ", 2)[1])
+                    m = re.search(r"(?im)^content-length:\s*(\d+)", head)
+                    st["need"] = end + 4 + (int(m.group(1)) if m else 0)
+                if len(buf) < st["need"]:
+                    break
+                del buf[:st["need"]]
+                st["need"] = None
+                done += 1
+                non_2xx += not 200 <= st["status"] < 300
+                if time.monotonic() < deadline:
+                    s.send(request)
+    elapsed = min(time.monotonic(), deadline) - start
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+    results.put((done, elapsed, non_2xx, errors))
+
+
+def run_python_load(port: int, path: str, seconds: float, connections: int, processes: int) -> Load:
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    per = [connections // processes + (i < connections % processes) for i in range(processes)]
+    procs = [ctx.Process(target=_py_load_process, args=(port, path, n, seconds, results), daemon=True)
+             for n in per]
+    finished = False
+    try:
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=seconds + 60) for _ in procs]
+        finished = True
+    finally:
+        for p in procs:
+            if p.pid is None:
+                continue  # never started
+            if finished:
+                p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    return Load(sum(g[0] for g in got), max(g[1] for g in got), sum(g[2] for g in got), sum(g[3] for g in got))
+
+
+class LoadGenerator:
+    def __init__(self, use_wrk: bool) -> None:
+        self.wrk = use_wrk and shutil.which("wrk") is not None
+        self.connections = 64
+        if self.wrk:
+            version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+            version = version.split(" Copyright")[0].strip() or "wrk"
+            self.threads = 2
+            self.describe = f"`{version}` (-t{self.threads} -c{self.connections}, keep-alive)"
+        else:
+            self.threads = max(1, min(4, os.cpu_count() or 1))
+            why = "--no-wrk" if use_wrk is False else "wrk is not on PATH (`apt-get install -y wrk`)"
+            self.describe = (f"Python client ({self.threads} processes, {self.connections} keep-alive "
+                             f"connections; {why})")
+
+    def run(self, port: int, path: str, seconds: float) -> Load:
+        if self.wrk:
+            return run_wrk(port, path, seconds, self.connections, self.threads)
+        return run_python_load(port, path, seconds, self.connections, self.threads)
+
+
+# -- the table -------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    scenario: str
+    measured: str
+    ratio: str
+    goal: str
+    met: str
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:,.0f} req/s"
+
+
+def fmt_ms(x: float) -> str:
+    return f"{x * 1e3:.1f} ms"
+
+
+def table(rows: list[Row]) -> str:
+    out = ["| scenario | measured | ratio | goal | met |", "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.scenario} | {r.measured} | {r.ratio} | {r.goal} | {r.met} |")
+    return "\n".join(out)
+
+
+def yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+# -- scenarios -------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.workdir = tempfile.mkdtemp(prefix="cachefetch-bench-")
+        self.servers: list[Gunicorn] = []
+        self.load = LoadGenerator(not args.no_wrk)
+        self.notes: list[str] = []
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def store(self, name: str) -> str:
+        return tempfile.mkdtemp(prefix=f"store-{name}-", dir=self.workdir)
+
+    def start(self, name: str, **env: str) -> Gunicorn:
+        log(f"starting gunicorn: {name}")
+        server = Gunicorn(self.workdir, name, env)
+        self.servers.append(server)
+        return server
+
+    def stop(self, server: Gunicorn) -> None:
+        server.stop()
+        self.servers.remove(server)
+
+    # 1 -------------------------------------------------------------------------------
+
+    def small_hits(self) -> list[Row]:
+        have_fc = importlib.util.find_spec("flask_caching") is not None
+        if not have_fc:
+            msg = "Flask-Caching is not installed (`pip install flask-caching`): skipping its row"
+            log(msg)
+            self.notes.append(msg)
+        # (name, BENCH_APP, BENCH_CACHE); "floor" is context: no framework, no cache.
+        configs = [("none", "flask", "none"), ("cachefetch", "flask", "cachefetch")]
+        configs += [("flask-caching", "flask", "flask-caching")] if have_fc else []
+        configs += [("floor", "bytes", "none")]
+        servers: dict[str, Gunicorn] = {}
+        try:
+            for name, app, cache in configs:
+                servers[name] = self.start(f"small-{name}", BENCH_APP=app, BENCH_CACHE=cache,
+                                           BENCH_STORE=self.store(f"small-{name}"))
+            for name, server in servers.items():
+                self._check_small(name, server)
+            warm = 1.0 if self.quick else 2.0
+            seconds = 3.0 if self.quick else 5.0
+            rounds = 1 if self.quick else 5
+            for name, server in servers.items():
+                self.load.run(server.port, "/small", warm)
+            runs: dict[str, list[tuple[Load, float]]] = {name: [] for name in servers}
+            others: list[float] = []
+            for r in range(rounds):
+                for name, server in servers.items():  # interleaved, so drift hits every config alike
+                    busy0, child0, t0 = machine_busy(), children_cpu(), time.monotonic()
+                    cpu0 = server.cpu_seconds()
+                    load = self.load.run(server.port, "/small", seconds)
+                    cpu = server.cpu_seconds() - cpu0
+                    others.append((machine_busy() - busy0 - cpu - (children_cpu() - child0))
+                                  / (time.monotonic() - t0))
+                    if load.non_2xx or load.errors:
+                        raise RuntimeError(f"{name}: {load.non_2xx} non-2xx responses, {load.errors} socket errors")
+                    runs[name].append((load, cpu))
+                    log(f"4 KiB round {r + 1}/{rounds} {name}: {load.rps:,.0f} req/s, "
+                        f"{cpu / load.requests * 1e6:.0f} µs server CPU/request")
+            for name, server in servers.items():
+                self._check_small(name, server)
+        finally:
+            for server in servers.values():
+                self.stop(server)
+
+        self.notes.append(
+            f"during the 4 KiB runs, CPU busy outside this benchmark's servers and load generator (other "
+            f"processes, interrupts): {statistics.mean(others):.2f} of {os.cpu_count()} CPUs on average "
+            f"(max {max(others):.2f}); absolute req/s move with it, the interleaved ratios and CPU/req less")
+        rps = {name: statistics.median(load.rps for load, _ in runs[name]) for name in runs}
+        cpu = {name: statistics.median(c / load.requests for load, c in runs[name]) for name in runs}
+
+        def measured(name: str, label: str) -> str:
+            rates = [load.rps for load, _ in runs[name]]
+            spread = f" [{min(rates):,.0f}–{max(rates):,.0f}]" if len(rates) > 1 else ""
+            return f"{label} {fmt_rate(rps[name])}{spread}, {cpu[name] * 1e6:.0f} µs CPU/req"
+
+        how = f"median [min–max] of {rounds} interleaved {seconds:g} s runs" if rounds > 1 else f"one {seconds:g} s run"
+        ratio = rps["cachefetch"] / rps["none"]
+        rows = [Row("1a. hit, 4 KiB: req/s, CacheFetch ÷ unwrapped Flask (body from memory)",
+                    f"{measured('cachefetch', 'CacheFetch')}; {measured('none', 'unwrapped')}; {how}; "
+                    f"CPU/req ratio {cpu['cachefetch'] / cpu['none']:.2f}",
+                    f"{ratio:.2f}", "≥ 0.85", yes(ratio >= 0.85))]
+        if have_fc:
+            ratio = rps["cachefetch"] / rps["flask-caching"]
+            rows.append(Row("1b. hit, 4 KiB: req/s, CacheFetch ÷ Flask-Caching FileSystemCache",
+                            f"{measured('cachefetch', 'CacheFetch')}; {measured('flask-caching', 'Flask-Caching')}; "
+                            f"CPU/req ratio {cpu['flask-caching'] / cpu['cachefetch']:.2f} (theirs ÷ ours)",
+                            f"{ratio:.2f}", "≥ 2.0", yes(ratio >= 2.0)))
+        else:
+            rows.append(Row("1b. hit, 4 KiB: req/s, CacheFetch ÷ Flask-Caching FileSystemCache",
+                            "skipped: Flask-Caching is not installed", "–", "≥ 2.0", "skipped"))
+        best = rps["floor"] / rps["flask-caching"] if have_fc else float("nan")
+        rows.append(Row("1c. context: gunicorn's floor, a bare WSGI app returning the 4 KiB from memory",
+                        f"{measured('floor', 'floor')}; the most any cache in this server could reach: "
+                        f"{rps['floor'] / rps['none']:.2f}× unwrapped Flask"
+                        + (f", {best:.2f}× Flask-Caching" if have_fc else ""),
+                        f"{rps['cachefetch'] / rps['floor']:.2f} (CacheFetch ÷ floor)", "– (no goal)", "–"))
+        return rows
+
+    def _check_small(self, mode: str, server: Gunicorn) -> None:
+        """The body is right; cached modes really answer from their cache."""
+        got = []
+        deadline = time.monotonic() + 30
+        while True:
+            f, body = fetch(server.port, "/small", keep=True)
+            if f.status != 200 or body != bench_apps.SMALL_BODY:
+                raise RuntimeError(f"{mode}: /small answered {f.status} with {f.size} bytes")
+            got.append(f)
+            if mode in ("none", "floor"):
+                return
+            if mode == "cachefetch":
+                # The first request leads; the commit (fsync) lands in the background.
+                if (f.headers.get("Cache-Status") or "").startswith("cachefetch; hit"):
+                    return
+            elif len(got) >= 3 and got[-1].headers["X-Made"] == got[-2].headers["X-Made"] == got[-3].headers["X-Made"]:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{mode}: /small is not served from the cache "
+                                   f"(Cache-Status {f.headers.get('Cache-Status')!r})")
+            time.sleep(0.05)
+
+    # 2 -------------------------------------------------------------------------------
+
+    def large_hits(self) -> Row:
+        size = 10 * MiB
+        path = os.path.join(self.workdir, "ten-mib.bin")
+        with open(path, "wb") as f:
+            f.write(bench_apps.herd_body("/ten-mib", size))
+        rounds = 2 if self.quick else 8
+        batch = 50 if self.quick else 100
+        concurrency = 4
+        servers: dict[str, Gunicorn] = {}
+        try:
+            for mode in ("none", "cachefetch"):
+                servers[mode] = self.start(f"file-{mode}", BENCH_APP="file", BENCH_CACHE=mode, BENCH_FILE=path,
+                                           BENCH_STORE=self.store(f"file-{mode}"))
+            deadline = time.monotonic() + 60
+            while True:
+                f, _ = fetch(servers["cachefetch"].port, "/file")
+                if (f.headers.get("Cache-Status") or "").startswith("cachefetch; hit"):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"/file is not a hit: {f.headers.get('Cache-Status')!r}")
+                time.sleep(0.05)
+            for server in servers.values():
+                fixed_requests(server.port, "/file", 4 * concurrency, concurrency)  # warm the threads
+            cpu = {mode: 0.0 for mode in servers}
+            wall = {mode: 0.0 for mode in servers}
+            batch_ratios = []
+            for r in range(rounds):
+                used = {}
+                for mode, server in servers.items():  # interleaved batches
+                    cpu0 = server.cpu_seconds()
+                    ok, total, secs = fixed_requests(server.port, "/file", batch, concurrency)
+                    used[mode] = server.cpu_seconds() - cpu0
+                    cpu[mode] += used[mode]
+                    wall[mode] += secs
+                    if ok != batch or total != batch * size:
+                        raise RuntimeError(f"file-{mode}: {ok}/{batch} OK, {total} bytes")
+                if used["none"] > 0:
+                    batch_ratios.append(used["cachefetch"] / used["none"])
+            count = rounds * batch
+            for mode in servers:
+                log(f"10 MiB {mode}: {cpu[mode] / count * 1e3:.2f} ms server CPU/request, "
+                    f"{count * size / wall[mode] / GiB:.2f} GiB/s")
+        finally:
+            for server in servers.values():
+                self.stop(server)
+        cf, bare = cpu["cachefetch"] / count, cpu["none"] / count
+        ratio = cf / bare if bare > 0 else float("inf")
+        return Row("2. hit, 10 MiB: server CPU per request, CacheFetch ÷ bare `wsgi.file_wrapper` app",
+                   f"CacheFetch {fmt_ms(cf)}/req, {count * size / wall['cachefetch'] / GiB:.2f} GiB/s; "
+                   f"bare {fmt_ms(bare)}/req, {count * size / wall['none'] / GiB:.2f} GiB/s "
+                   f"({count} requests each in {rounds} interleaved batches, {concurrency} keep-alive clients; "
+                   f"ratio per batch {min(batch_ratios):.2f}–{max(batch_ratios):.2f})",
+                   f"{ratio:.2f}", "≤ 1.2", yes(ratio <= 1.2))
+
+    # 3 -------------------------------------------------------------------------------
+
+    def herd(self) -> Row:
+        clients = 48
+        calls = os.path.join(self.workdir, "herd-calls.txt")
+        open(calls, "w").close()
+        server = self.start("herd", BENCH_APP="herd", BENCH_CACHE="cachefetch", BENCH_STORE=self.store("herd"),
+                            BENCH_CALLS=calls)
+        path = "/herd/artifact"
+        expected = blake3.blake3(bench_apps.herd_body(path)).hexdigest()
+        barrier = threading.Barrier(clients)
+        results: list[Fetched | BaseException] = [None] * clients  # type: ignore[list-item]
+
+        def client(i: int) -> None:
+            try:
+                barrier.wait()
+                results[i] = fetch(server.port, path)[0]
+            except BaseException as exc:
+                results[i] = exc
+
+        try:
+            threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise RuntimeError(f"herd: {len(failed)} clients failed: {failed[0]!r}")
+            with open(calls) as f:
+                app_calls = sum(1 for line in f if line.strip())
+        finally:
+            self.stop(server)
+        fetched: list[Fetched] = results  # type: ignore[assignment]
+        good = sum(1 for r in fetched if r.status == 200 and r.digest == expected)
+        statuses = [r.headers.get("Cache-Status") or "" for r in fetched]
+        leaders = [r for r, s in zip(fetched, statuses) if s.endswith("stored")]
+        followers = [r for r, s in zip(fetched, statuses) if "collapsed" in s]
+        others = clients - len(leaders) - len(followers)
+        per_worker: dict[str, int] = {}
+        for r in fetched:
+            w = r.headers.get("X-Worker") or "?"
+            per_worker[w] = per_worker.get(w, 0) + 1
+        start = min(r.start for r in fetched)
+        wall = max(r.end for r in fetched) - start
+        leader_ttfb = leaders[0].ttfb if leaders else float("nan")
+        late = [r for r in followers if r.ttfb > leader_ttfb + 0.5] if leaders else []
+        for r in late:
+            log(f"herd: late follower: TTFB {r.ttfb:.3f} s, worker {r.headers.get('X-Worker')} "
+                f"(leader's {leaders[0].headers.get('X-Worker')}), Cache-Status {r.headers.get('Cache-Status')!r}")
+        med = statistics.median(r.ttfb for r in followers) if followers else float("nan")
+        mx = max(r.ttfb for r in followers) if followers else float("nan")
+        ratio = med / leader_ttfb if leaders and followers else float("nan")
+        ok = app_calls == 1 and good == clients and ratio <= 1.2
+        extra = f"; {others} neither leader nor follower" if others else ""
+        split = "/".join(str(n) for n in sorted(per_worker.values(), reverse=True))
+        if late:
+            extra += f"; {len(late)} follower(s) > 0.5 s after the leader"
+        log(f"herd: {app_calls} app calls, leader TTFB {leader_ttfb:.3f} s, followers median {med:.3f} s "
+            f"max {mx:.3f} s, wall {wall:.3f} s")
+        return Row("3. herd: 48 clients, one cold URL (1 s to first byte, 10 MiB over 1 s)",
+                   f"app calls {app_calls}; leader TTFB {fmt_ms(leader_ttfb)}; follower TTFB median "
+                   f"{fmt_ms(med)}, max {fmt_ms(mx)} ({len(followers)} followers{extra}); total {wall:.2f} s; "
+                   f"{good}/{clients} bodies match the app's; clients per worker {split}",
+                   f"{ratio:.2f} (median follower ÷ leader TTFB)",
+                   "1 app call, all bodies right, ratio ≤ 1.2 (the issue's test)", yes(ok))
+
+    # 4 -------------------------------------------------------------------------------
+
+    def big_miss_rss(self) -> Row:
+        size = GiB
+        server = self.start("generate", BENCH_APP="generate", BENCH_CACHE="cachefetch",
+                            BENCH_STORE=self.store("generate"))
+        try:
+            # A few small cold requests load every code path (SQLite, committer, ...) in both workers.
+            for i in range(8):
+                fetch(server.port, f"/warm/{i}?size={64 * KiB}")
+            time.sleep(0.5)
+            baseline = {pid: proc_rss(pid) for pid in server.pids}
+            peak = dict(baseline)
+            samples = [0]
+            stop = threading.Event()
+
+            def sample() -> None:
+                while not stop.is_set():
+                    for pid in server.pids:
+                        with contextlib.suppress(OSError):
+                            peak[pid] = max(peak[pid], proc_rss(pid))
+                    samples[0] += 1
+                    stop.wait(0.05)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            t0 = time.monotonic()
+            try:
+                status, got = pull(server.port, "/gigabyte")
+            finally:
+                stop.set()
+                sampler.join()
+            secs = time.monotonic() - t0
+            if status != 200 or got != size:
+                raise RuntimeError(f"1 GiB pull: status {status}, {got} bytes")
+            log(f"1 GiB miss in {secs:.1f} s; RSS " + ", ".join(
+                f"pid {p}: {baseline[p] / MiB:.1f} -> {peak[p] / MiB:.1f} MiB" for p in server.pids))
+            # Was it stored? (the commit fsyncs 1 GiB in the background)
+            deadline = time.monotonic() + 120
+            stored = False
+            while time.monotonic() < deadline:
+                conn = http.client.HTTPConnection(HOST, server.port, timeout=30)
+                try:
+                    conn.request("HEAD", "/gigabyte")
+                    resp = conn.getresponse()
+                    resp.read()
+                    if (resp.getheader("Cache-Status") or "").startswith("cachefetch; hit"):
+                        stored = True
+                        break
+                finally:
+                    conn.close()
+                time.sleep(0.2)
+        finally:
+            self.stop(server)
+        growth = {pid: peak[pid] - baseline[pid] for pid in server.pids}
+        worst = max(growth, key=growth.get)
+        return Row("4. RSS while one client pulls 1 GiB through CacheFetch (cold miss, generated)",
+                   f"worker baseline {baseline[worst] / MiB:.1f} MiB, peak {peak[worst] / MiB:.1f} MiB "
+                   f"(other worker +{min(growth.values()) / MiB:.1f} MiB; {samples[0]} samples of both, 50 ms apart); "
+                   f"1 GiB in {secs:.1f} s "
+                   f"({size / secs / MiB:,.0f} MiB/s); {'stored' if stored else '**not stored**'}",
+                   f"+{growth[worst] / MiB:.1f} MiB growth", "< 64 MiB", yes(growth[worst] < 64 * MiB and stored))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="run each load for a few seconds")
+    parser.add_argument("--no-wrk", action="store_true", help="use the Python client even if wrk is on PATH")
+    args = parser.parse_args()
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)  # even where the shell started us with SIGINT ignored
+    bench = Bench(args)
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    rows: list[Row] = []
+    try:
+        log(f"load generator: {bench.load.describe}; temp dir {bench.workdir}")
+        rows += bench.small_hits()
+        rows.append(bench.large_hits())
+        rows.append(bench.herd())
+        rows.append(bench.big_miss_rss())
+    finally:
+        bench.close()
+    elapsed = time.monotonic() - started
+
+    import gunicorn  # only for its version
+    fc = importlib.util.find_spec("flask_caching")
+    header = [
+        f"# cachefetch middleware benchmark{' (--quick)' if args.quick else ''}",
+        "",
+        (f"- {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {platform.platform()}; "
+         f"{os.cpu_count()} CPUs; Python {platform.python_version()}; gunicorn {gunicorn.__version__} "
+         f"`-k gthread -w {WORKERS} --threads {THREADS}` on {HOST}; "
+         f"Flask-Caching {'present' if fc else 'missing'}"),
+        f"- load generator: {bench.load.describe}; it shares the CPUs with the server",
+        ("- CacheFetch with its default options: **fsync=True** (each commit fsyncs the blob and its directory); "
+         "a fresh temp store per scenario"),
+        *(f"- {note}" for note in bench.notes),
+        (f"- whole run: {elapsed:.0f} s; 1-minute load average {load_before:.1f} at the start, "
+         f"{os.getloadavg()[0]:.1f} at the end"),
+        "",
+    ]
+    text = "\n".join(header) + "\n" + table(rows) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        f.write(text)
+    log(f"written to {os.path.relpath(RESULTS, REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; servers stopped and temp files removed")
+        sys.exit(130)
