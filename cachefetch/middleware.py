@@ -24,14 +24,15 @@ import os
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from werkzeug.wsgi import get_current_url
+from urllib.parse import quote
 
 from . import policy
 from .hashing import Hash
 from .index import Entry, Index, SQLiteIndex
 from .inflight import Flights, Follow, Lead, LeaderGone
-from .serve import ServeOptions, StartResponse, WSGIEnviron, plain_response, serve_from_store
-from .store import CAFS, Blob
+from .serve import ServeOptions, serve_blob_file, serve_from_store
+from .wsgi import StartResponse, WSGIEnviron, plain_response
+from .store import CAFS, Blob, BlobNotFound
 from .logutil import warn_limited
 from .stream import CacheAbandoned, Committer, StreamThroughOptions, StreamThroughResult, stream_through
 
@@ -42,7 +43,10 @@ log = logging.getLogger("cachefetch.middleware")
 WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 _WAIT_POLICIES = ("passthrough", "504")
 _CACHE_STATUS = "Cache-Status"
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _USE_FLUSH_SECONDS = 5.0
+# Hits up to this size are sent from memory: sendfile's set-up costs more.
+_MEMORY_LIMIT = 64 << 10
 _CONDITIONAL_HEADERS = frozenset({"HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_MATCH",
                                   "HTTP_IF_UNMODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE"})
 _NAME = "cachefetch"
@@ -62,8 +66,18 @@ def close_all() -> None:
 
 
 def default_key(environ: WSGIEnviron) -> str | None:
-    """scheme://host/path?query of the request: the same for GET and HEAD."""
-    return get_current_url(environ)
+    """``scheme://host/path?query`` of the request: the same for GET and HEAD.
+
+    The path is percent-encoded again from the decoded ``PATH_INFO``, so
+    ``/a%20b`` and ``/a b`` are one key; the query is kept as sent.
+    """
+    host = environ.get("HTTP_HOST")
+    if not host:
+        host = f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
+    path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1", "replace")
+    query = environ.get("QUERY_STRING", "")
+    return (f"{environ.get('wsgi.url_scheme', 'http')}://{host.lower()}{quote(path, safe=_PATH_SAFE)}"
+            + (f"?{query}" if query else ""))
 
 
 class _Retry(Exception):
@@ -233,7 +247,9 @@ class CacheFetch:
     def _serve_entry(self, environ: WSGIEnviron, start_response: StartResponse, entry: Entry,
                      cache_status: str) -> Iterable[bytes] | None:
         """Serve ``entry`` from the store; ``None`` if its blob has gone (entry dropped)."""
-        if not self.store.exists(entry.hash):
+        try:
+            file = self.store.open(entry.hash, buffered=False)
+        except BlobNotFound:
             log.warning("entry %r points at missing blob %s; dropping it", entry.key, entry.hash.hex)
             self.index.delete(entry.key, entry.variant)
             return None
@@ -243,9 +259,9 @@ class CacheFetch:
             extra_headers=[(k, v) for k, v in headers if k.lower() not in ("content-type", "etag")]
             + [("Age", str(entry.age(self.clock()))), (_CACHE_STATUS, cache_status)],
             etag=policy.header(headers, "ETag"),
-            status=_status_line(entry.status))
+            status=_status_line(entry.status), memory_limit=_MEMORY_LIMIT)
         self._record_use(entry)
-        return serve_from_store(environ, start_response, self.store, Blob(entry.hash, entry.size), opts)
+        return serve_blob_file(environ, start_response, file, Blob(entry.hash, entry.size), opts)
 
     def _serve_stale(self, environ: WSGIEnviron, start_response: StartResponse, stale: Entry | None,
                      detail: str) -> Iterable[bytes] | None:

@@ -16,7 +16,7 @@ from werkzeug.http import parse_etags, parse_if_range_header, parse_range_header
 from .store import CAFS, Blob, BlobNotFound
 from .wsgi import StartResponse, WSGIEnviron, normalize_headers, plain_response  # noqa: F401  (re-exported)
 
-__all__ = ["ServeOptions", "serve_from_store", "etag_for", "normalize_headers", "plain_response"]
+__all__ = ["ServeOptions", "serve_from_store", "serve_blob_file", "etag_for", "normalize_headers", "plain_response"]
 
 log = logging.getLogger("cachefetch.serve")
 
@@ -37,6 +37,9 @@ class ServeOptions:
         one never satisfies ``If-Range``.
     :param status: the status to answer a full GET with. Anything but 200 is
         replayed as is: no Range, no 304.
+    :param memory_limit: bodies of at most this many bytes are read and sent
+        from memory rather than through ``wsgi.file_wrapper``: for a small
+        body, setting up ``sendfile`` costs more than the copy it saves.
     :raises TypeError, ValueError: as :func:`normalize_headers`, or for a
         status that is not ``"NNN reason"``.
     """
@@ -45,6 +48,7 @@ class ServeOptions:
     extra_headers: Mapping[str, str] | Iterable[tuple[str, str]] = field(default_factory=dict)
     etag: str | None = None
     status: str = "200 OK"
+    memory_limit: int = 0
 
     def __post_init__(self) -> None:
         normalize_headers([("Content-Type", self.content_type)])
@@ -52,6 +56,8 @@ class ServeOptions:
             normalize_headers([("ETag", self.etag)])
         if not isinstance(self.status, str) or len(self.status) < 5 or not self.status[:3].isdigit():
             raise ValueError(f"status must look like '200 OK', got {self.status!r}")
+        if isinstance(self.memory_limit, bool) or not isinstance(self.memory_limit, int) or self.memory_limit < 0:
+            raise ValueError(f"memory_limit must be bytes >= 0, got {self.memory_limit!r}")
         object.__setattr__(self, "extra_headers", normalize_headers(self.extra_headers))
 
 
@@ -147,6 +153,20 @@ def serve_from_store(environ: WSGIEnviron, start_response: StartResponse, store:
         raise TypeError(f"store must be a CAFS, not {type(store).__name__}")
     if not isinstance(result, Blob):
         raise TypeError(f"result must be a Blob/Result, not {type(result).__name__}")
+    try:
+        file = store.open(result.hash, buffered=False)
+    except BlobNotFound:
+        log.error("blob %s is in the index but not in the store %s", result.hash.hex, store.root)
+        return plain_response(start_response, "500 Internal Server Error", "cached object is missing from the store")
+    return serve_blob_file(environ, start_response, file, result, opts)
+
+
+def serve_blob_file(environ: WSGIEnviron, start_response: StartResponse, file: BinaryIO, result: Blob,
+                    opts: ServeOptions | None = None) -> Iterable[bytes]:
+    """:func:`serve_from_store` for a blob the caller has already opened.
+
+    Takes ownership of ``file``: it is closed when the response is done.
+    """
     opts = opts or ServeOptions()
     etag = opts.etag or etag_for(result)
     extra = [(k, v) for k, v in opts.extra_headers if k.lower() not in _CONTENT_HEADERS]
@@ -156,14 +176,10 @@ def serve_from_store(environ: WSGIEnviron, start_response: StartResponse, store:
     inm = environ.get("HTTP_IF_NONE_MATCH")
     if (conditional and inm and environ.get("REQUEST_METHOD") in ("GET", "HEAD")
             and parse_etags(inm).contains_weak(_unquote_etag(etag)[0])):
+        file.close()
         start_response("304 Not Modified", validators + extra)
         return []
 
-    try:
-        file = store.open(result.hash)
-    except BlobNotFound:
-        log.error("blob %s is in the index but not in the store %s", result.hash.hex, store.root)
-        return plain_response(start_response, "500 Internal Server Error", "cached object is missing from the store")
     size = os.fstat(file.fileno()).st_size
     if size != result.size:
         log.warning("blob %s is %d bytes, its result says %d", result.hash.hex, size, result.size)
@@ -187,6 +203,9 @@ def serve_from_store(environ: WSGIEnviron, start_response: StartResponse, store:
     if environ.get("REQUEST_METHOD") == "HEAD":
         file.close()
         return []
+    if length <= opts.memory_limit:
+        with file:
+            return [os.pread(file.fileno(), length, start)]
     if start:
         file.seek(start)
     body = _FileRange(file, length)

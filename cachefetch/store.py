@@ -123,13 +123,14 @@ class CAFS:
         except FileNotFoundError:
             raise BlobNotFound(f"no blob {h.hex} in {self.root}") from None
 
-    def open(self, h: Hash) -> BinaryIO:
-        """Open blob ``h`` for reading (binary, buffered).
+    def open(self, h: Hash, buffered: bool = True) -> BinaryIO:
+        """Open blob ``h`` for reading, binary; unbuffered with ``buffered=False``
+        (for ``sendfile`` and single reads, which a buffer only slows down).
 
         :raises BlobNotFound: if absent.
         """
         try:
-            return open(self.path(h), "rb")
+            return open(self.path(h), "rb", buffering=-1 if buffered else 0)
         except FileNotFoundError:
             raise BlobNotFound(f"no blob {h.hex} in {self.root}") from None
 

@@ -1,9 +1,13 @@
 """Small WSGI vocabulary shared by the modules that answer requests."""
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Iterable, Mapping
 
 __all__ = ["WSGIEnviron", "StartResponse", "HeaderList", "normalize_headers", "plain_response"]
+
+_NAME = re.compile(r"[^\s:\x00]+")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 WSGIEnviron = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -23,9 +27,9 @@ def normalize_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) ->
         name, value = pair
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(f"header names and values must be str: {name!r}: {value!r}")
-        if not name or any(c in name for c in " \t\r\n\0:"):
+        if not _NAME.fullmatch(name):
             raise ValueError(f"invalid header name {name!r}")
-        if any(c in value for c in "\r\n\0"):
+        if _BAD_VALUE.search(value):
             raise ValueError(f"invalid character in header {name!r}")
         out.append((name, value))
     return tuple(out)
