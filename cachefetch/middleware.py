@@ -47,6 +47,8 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _USE_FLUSH_SECONDS = 5.0
 # Hits up to this size are sent from memory: sendfile's set-up costs more.
 _MEMORY_LIMIT = 64 << 10
+_LOOKUP_TTL = 1.0
+_LOOKUP_SLOTS = 4096
 _CONDITIONAL_HEADERS = frozenset({"HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_MATCH",
                                   "HTTP_IF_UNMODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE"})
 _NAME = "cachefetch"
@@ -162,6 +164,8 @@ class CacheFetch:
         self.clock = clock
         self.flights = Flights(self.store.root)
         self.committer = Committer(self.store)
+        # Recent index answers, so a hot key costs no SQLite query on every hit.
+        self._recent: dict[str, tuple[float, list[Entry]]] = {}
         # Hits record their use for LRU eviction in batches, not a write each.
         self._uses: dict[tuple[str, str], float] = {}
         self._uses_lock = threading.Lock()
@@ -215,7 +219,7 @@ class CacheFetch:
             return self._passthrough(environ, start_response, "fwd=request")
         authorized = "HTTP_AUTHORIZATION" in environ
         now = self.clock()
-        entries = self.index.get(key)
+        entries = self._lookup(key)
         entry = self._matching(entries, environ, authorized)
         if entry is not None and not directives.no_cache and entry.is_fresh(now):
             served = self._serve_entry(environ, start_response, entry, self._hit_status(entry, now))
@@ -228,6 +232,23 @@ class CacheFetch:
                           revalidate=bool(directives.no_cache))
 
     # -- hits ------------------------------------------------------------
+
+    def _lookup(self, key: str) -> list[Entry]:
+        """The index's entries for ``key``, remembered for a moment.
+
+        A remembered entry is still only served while fresh by its own
+        headers, so the cost of the moment is that a refetch by another
+        worker shows here up to ``_LOOKUP_TTL`` seconds late.
+        """
+        now = time.monotonic()
+        remembered = self._recent.get(key)
+        if remembered is not None and now - remembered[0] < _LOOKUP_TTL:
+            return remembered[1]
+        entries = self.index.get(key)
+        if len(self._recent) >= _LOOKUP_SLOTS:
+            self._recent.clear()
+        self._recent[key] = (now, entries)
+        return entries
 
     def _matching(self, entries: list[Entry], environ: WSGIEnviron, authorized: bool) -> Entry | None:
         for entry in entries:
@@ -252,6 +273,7 @@ class CacheFetch:
         except BlobNotFound:
             log.warning("entry %r points at missing blob %s; dropping it", entry.key, entry.hash.hex)
             self.index.delete(entry.key, entry.variant)
+            self._recent.pop(entry.key, None)
             return None
         headers = list(entry.headers)
         opts = ServeOptions(
@@ -413,6 +435,7 @@ class CacheFetch:
                 try:
                     if blob is not None:
                         self.index.put(entry)
+                        self._recent.pop(key, None)
                         log.info("stored %r as %s (%d bytes)", key, blob.hash.hex, blob.size)
                 finally:
                     lead.release()
