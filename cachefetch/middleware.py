@@ -245,9 +245,10 @@ class CacheFetch:
         if remembered is not None and now - remembered[0] < _LOOKUP_TTL:
             return remembered[1]
         entries = self.index.get(key)
-        if len(self._recent) >= _LOOKUP_SLOTS:
-            self._recent.clear()
-        self._recent[key] = (now, entries)
+        if entries:  # never an absence: another worker's commit must show at once
+            if len(self._recent) >= _LOOKUP_SLOTS:
+                self._recent.clear()
+            self._recent[key] = (now, entries)
         return entries
 
     def _matching(self, entries: list[Entry], environ: WSGIEnviron, authorized: bool) -> Entry | None:
