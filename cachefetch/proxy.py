@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from typing import Any, Iterable, Iterator
 from urllib.parse import urljoin
 
@@ -118,9 +119,10 @@ class Forwarder:
         except UpstreamError as exc:
             return self._failed(start_response, "connect", "502 Bad Gateway", f"the upstream is unreachable: {exc}")
         headers = [(k, v) for k, v in resp.headers if k.lower() not in _DROP]
-        log.info("upstream %s %s -> %d", upstream_method, route.url, resp.status)
+        log.debug("upstream %s %s -> %d", upstream_method, route.url, resp.status)
         if resp.status == 404:
             resp.close()
+            log_fetch(route.url, 0, resp.started, "404 not found")
             return plain_response(start_response, "404 Not Found", f"not found upstream: {route.url}",
                                   [("Cache-Control", f"public, max-age={self.negative_ttl}")])
         if resp.status >= 500:
@@ -132,6 +134,7 @@ class Forwarder:
             except UpstreamError as exc:
                 return self._failed(start_response, "body", "502 Bad Gateway", str(exc))
             headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "content-encoding")]
+            log_fetch(route.url, len(body), resp.started, f"{resp.status} passed through")
             start_response(f"{resp.status} {resp.reason}".strip(),
                            headers + [("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
             return [body] if method == "GET" else []
@@ -154,6 +157,7 @@ class Forwarder:
             except (UpstreamError, RouteError) as exc:
                 return self._failed(start_response, "body", "502 Bad Gateway", str(exc))
             metrics.UPSTREAM_BYTES.inc(len(document))
+            log_fetch(route.url, len(document), resp.started, "document rewritten")
             headers = [(k, v) for k, v in headers
                        if k.lower() not in ("content-length", "content-encoding", "content-type", "etag")]
             start_response("200 OK", headers + [("Content-Type", content_type),
@@ -177,7 +181,7 @@ class Forwarder:
             resp.close()
             return self._failed(start_response, "body", "502 Bad Gateway", f"the upstream body failed: {exc}")
         start_response("200 OK", headers)
-        return _Body(chunks, resp, first)
+        return _Body(chunks, resp, route.url, first)
 
     def _follow_redirects(self, resp: Any, url: str, send: dict[str, str], method: str) -> Any:
         """Follow the upstream's redirects for a body named by its digest.
@@ -210,24 +214,51 @@ class Forwarder:
         return plain_response(start_response, status, message)
 
 
-class _Body:
-    """The upstream body as a WSGI iterable whose ``close`` closes the response."""
+def log_fetch(url: str, size: int, started: float, outcome: str) -> None:
+    """The one log line per upstream fetch: URL, body bytes, duration, outcome."""
+    log.info("fetch %s: %d bytes in %.3fs, %s", url, size, time.monotonic() - started, outcome)
 
-    def __init__(self, chunks: Iterable[bytes], resp: Any, first: bytes = b"") -> None:
+
+class _Body:
+    """The upstream body as a WSGI iterable whose ``close`` closes the response.
+
+    Logs one line per fetch when the body ends: URL, bytes, duration, outcome.
+    """
+
+    def __init__(self, chunks: Iterable[bytes], resp: Any, url: str, first: bytes = b"") -> None:
         self._chunks = iter(chunks)
         self._resp = resp
+        self._url = url
         self._first = first
+        self._size = 0
+        self._logged = False
 
     def __iter__(self) -> Iterator[bytes]:
-        if self._first:
-            yield self._first
-        yield from self._chunks
+        try:
+            if self._first:
+                self._size += len(self._first)
+                yield self._first
+            for chunk in self._chunks:
+                self._size += len(chunk)
+                yield chunk
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            self._log(f"failed: {exc}")
+            raise
+        self._log("complete")
+
+    def _log(self, outcome: str) -> None:
+        if not self._logged:
+            self._logged = True
+            log_fetch(self._url, self._size, self._resp.started, outcome)
 
     def close(self) -> None:
         close = getattr(self._chunks, "close", None)
         if close is not None:
             close()
         self._resp.close()
+        self._log("stopped early")
 
 
 def _status(code: int) -> str:

@@ -5,6 +5,7 @@ import base64
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -68,6 +69,9 @@ def test_pip_download_and_install_through_the_proxy_then_from_cache_alone(tmp_pa
                      cwd=tmp_path)
             assert dl.returncode == 0, dl.stderr + server.log()
             assert (tmp_path / "dl" / filename).read_bytes() == wheel
+            # One log line per upstream fetch: key, size, duration, outcome.
+            assert re.search(rf"fetch {re.escape(files.url)}/packages/{re.escape(filename)}: {len(wheel)} bytes "
+                             r"in \d+\.\d+s, complete", server.log()), server.log()
             first = pip("install", "--no-deps", "--target", str(tmp_path / "t1"), "--index-url", simple, "tinypkg",
                         cwd=tmp_path)
             assert first.returncode == 0, first.stderr
