@@ -65,7 +65,9 @@ def test_herd_of_48_calls_app_once_and_followers_stream(env, tmp_path):
         assert median <= leader_ttfb * 1.2
         # Followers streamed: they had their first byte long before the 1 s trickle ended.
         assert median < leader_ttfb + 0.5
-        # Both workers took part, so the coalescing crossed processes.
+        # Both workers served clients, so the coalescing crossed processes.
+        workers = {r.headers["X-Worker"] for r in results}
+        assert len(workers) == 2, f"all 48 clients landed on one worker: {workers}"
         hit = fetch(server.port, path)
         assert hit.headers["Cache-Status"].startswith("cachefetch; hit")
         assert hit.body == expected
