@@ -179,7 +179,11 @@ class _Tee:
             self._abandon(CacheAbandoned(f"body exceeds max_size {self._opts.max_size}"))
             return
         try:
-            self._file.write(chunk)
+            # A raw write may take only part (a nearly full disk): the rest must
+            # follow, or the file would not be what the hash names.
+            view = memoryview(chunk)
+            while view:
+                view = view[self._file.write(view):]
         except OSError as exc:  # a full disk must not cost the client its body
             warn_limited(log, "temp-write", "not caching: writing %s failed: %s", self.temp_path, exc)
             self._abandon(CacheAbandoned(f"writing the temp file failed: {exc}"))

@@ -515,3 +515,30 @@ def test_options_are_checked():
         stream_through(GET, lambda *a: None, [], "opts", lambda r, p: None)
     with pytest.raises(TypeError):
         stream_through(GET, lambda *a: None, [], StreamThroughOptions(), "not callable")
+
+
+def test_partial_writes_to_the_temp_file_are_completed(store, committer, monkeypatch):
+    """A raw write may take only part of a chunk (a nearly full disk): the tee
+    must write the rest, or the blob would not hold what its hash names."""
+    import cachefetch.stream as stream_module
+
+    class Stingy(io.FileIO):
+        def write(self, data):  # at most 1000 bytes a call, like a disk near its end
+            return super().write(memoryview(data)[:1000])
+
+    real_fdopen = stream_module.os.fdopen
+
+    def fdopen(fd, mode="r", buffering=-1, **kw):
+        if mode == "wb" and buffering == 0:
+            return Stingy(fd, "wb")
+        return real_fdopen(fd, mode, buffering, **kw)
+
+    monkeypatch.setattr(stream_module.os, "fdopen", fdopen)
+    on_complete = Recorder(then=committer)
+    body, error = Response().run(StreamThroughOptions(temp_dir=committer.temp_dir), Upstream(CHUNKS), on_complete)
+    assert (body, error) == (BODY, None)
+    (result, _, content), = on_complete.calls
+    assert content == BODY
+    committer.flush(WAIT)
+    assert store.verify() == []
+    assert store.open(result.hash).read() == BODY
