@@ -61,7 +61,10 @@ def _parse(raw: bytes) -> Journal:
     # Only lines with their newline are complete; the last may be mid-write.
     for line in raw.split(b"\n")[:-1]:
         kind, _, body = line.partition(b" ")
-        record = json.loads(body) if body else {}
+        try:
+            record = json.loads(body) if body else {}
+        except ValueError:
+            continue  # a line torn by a failed write: as if never written
         if kind == b"L":
             fid = record.get("fid")
         elif kind == b"H":
@@ -109,7 +112,9 @@ class Lead:
         if self._fd is None:
             raise RuntimeError("this lead has been released")
         line = kind + (" " + json.dumps(record, separators=(",", ":")) if record is not None else "") + "\n"
-        os.write(self._fd, line.encode())  # one write: readers see whole lines or none
+        data = memoryview(line.encode())
+        while data:  # readers use only lines with their newline, so a short write shows nothing early
+            data = data[os.write(self._fd, data):]
 
     def publish(self, head: dict[str, Any]) -> None:
         """Append the ``H`` record: followers may now start answering."""
