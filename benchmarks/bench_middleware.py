@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the CacheFetch middleware under real gunicorn; print a Markdown table.
+"""Benchmark the CacheFetch middleware under real gunicorn; print a Markdown table, write it and a chart.
 
 Every server is ``python -m gunicorn -k gthread -w 2 --threads 32`` on
 127.0.0.1, serving an app from ``benchmarks/bench_apps.py``; the load comes
@@ -22,7 +22,10 @@ the table is measured in the same run:
 CacheFetch runs with its defaults, fsync included. Each scenario gets a fresh
 store from ``tempfile.mkdtemp``; everything is removed at the end, also on
 errors and Ctrl-C. Nothing contacts a host other than 127.0.0.1. The table is
-also written to ``benchmarks/results/middleware.md``.
+also written to ``benchmarks/results/middleware.md``, and a chart of the
+ratios (1a, 1b, 2, 3, and 4 as growth ÷ 64 MiB) to
+``benchmarks/results/middleware.png`` (matplotlib, the ``bench`` extra;
+skipped with a note when it is missing).
 
 Usage: ``python benchmarks/bench_middleware.py [--quick] [--no-wrk]``
 """
@@ -33,6 +36,7 @@ import contextlib
 import datetime
 import http.client
 import importlib.util
+import math
 import multiprocessing
 import os
 import platform
@@ -52,12 +56,15 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results", "middleware.md")
+RESULTS_MD = os.path.join(HERE, "results", "middleware.md")
+RESULTS_PNG = os.path.join(HERE, "results", "middleware.png")
 sys.path.insert(0, HERE)
 
 import blake3  # noqa: E402
 
 import bench_apps  # noqa: E402  (constants and the herd's body; builds no app without BENCH_APP)
+import report  # noqa: E402
+from report import Bar, markdown_table  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 HOST = "127.0.0.1"
@@ -432,6 +439,12 @@ class Row:
     ratio: str
     goal: str
     met: str
+    bar: Bar | None = None  # this row's bar in the chart, if it has one
+
+
+def finite(x: float) -> float:
+    """``x``, or nan (not drawn) when it is infinite."""
+    return x if math.isfinite(x) else float("nan")
 
 
 def fmt_rate(x: float) -> str:
@@ -443,14 +456,12 @@ def fmt_ms(x: float) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    out = ["| scenario | measured | ratio | goal | met |", "|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r.scenario} | {r.measured} | {r.ratio} | {r.goal} | {r.met} |")
-    return "\n".join(out)
+    return markdown_table(["scenario", "measured", "ratio", "goal", "met"],
+                          [[r.scenario, r.measured, r.ratio, r.goal, r.met] for r in rows])
 
 
 def yes(ok: bool) -> str:
-    return "yes" if ok else "**no**"
+    return report.met(ok)
 
 
 # -- scenarios -------------------------------------------------------------------------
@@ -545,13 +556,15 @@ class Bench:
         rows = [Row("1a. hit, 4 KiB: req/s, CacheFetch ÷ unwrapped Flask (body from memory)",
                     f"{measured('cachefetch', 'CacheFetch')}; {measured('none', 'unwrapped')}; {how}; "
                     f"CPU/req ratio {cpu['cachefetch'] / cpu['none']:.2f}",
-                    f"{ratio:.2f}", "≥ 0.85", yes(ratio >= 0.85))]
+                    f"{ratio:.2f}", "≥ 0.85", yes(ratio >= 0.85),
+                    Bar("1a. 4 KiB hit: req/s, CacheFetch ÷ unwrapped Flask (↑)", finite(ratio), 0.85))]
         if have_fc:
             ratio = rps["cachefetch"] / rps["flask-caching"]
             rows.append(Row("1b. hit, 4 KiB: req/s, CacheFetch ÷ Flask-Caching FileSystemCache",
                             f"{measured('cachefetch', 'CacheFetch')}; {measured('flask-caching', 'Flask-Caching')}; "
                             f"CPU/req ratio {cpu['flask-caching'] / cpu['cachefetch']:.2f} (theirs ÷ ours)",
-                            f"{ratio:.2f}", "≥ 2.0", yes(ratio >= 2.0)))
+                            f"{ratio:.2f}", "≥ 2.0", yes(ratio >= 2.0),
+                            Bar("1b. 4 KiB hit: req/s, CacheFetch ÷ Flask-Caching (↑)", finite(ratio), 2.0)))
         else:
             rows.append(Row("1b. hit, 4 KiB: req/s, CacheFetch ÷ Flask-Caching FileSystemCache",
                             "skipped: Flask-Caching is not installed", "–", "≥ 2.0", "skipped"))
@@ -639,7 +652,9 @@ class Bench:
                    f"bare {fmt_ms(bare)}/req, {count * size / wall['none'] / GiB:.2f} GiB/s "
                    f"({count} requests each in {rounds} interleaved batches, {concurrency} keep-alive clients; "
                    f"ratio per batch {min(batch_ratios):.2f}–{max(batch_ratios):.2f})",
-                   f"{ratio:.2f}", "≤ 1.2", yes(ratio <= 1.2))
+                   f"{ratio:.2f}", "≤ 1.2", yes(ratio <= 1.2),
+                   Bar("2. 10 MiB hit: server CPU/req, CacheFetch ÷ bare file_wrapper (↓)", finite(ratio), 1.2,
+                       higher_is_better=False))
 
     # 3 -------------------------------------------------------------------------------
 
@@ -706,7 +721,8 @@ class Bench:
                    f"{fmt_ms(med)}, max {fmt_ms(mx)} ({len(followers)} followers{extra}); total {wall:.2f} s; "
                    f"{good}/{clients} bodies match the app's; clients per worker {split}",
                    f"{ratio:.2f} (median follower ÷ leader TTFB)",
-                   "1 app call, all bodies right, ratio ≤ 1.2 (the issue's test)", yes(ok))
+                   "1 app call, all bodies right, ratio ≤ 1.2 (the issue's test)", yes(ok),
+                   Bar("3. herd: median follower ÷ leader TTFB (↓)", finite(ratio), 1.2, higher_is_better=False))
 
     # 4 -------------------------------------------------------------------------------
 
@@ -769,7 +785,9 @@ class Bench:
                    f"(other worker +{min(growth.values()) / MiB:.1f} MiB; {samples[0]} samples of both, 50 ms apart); "
                    f"1 GiB in {secs:.1f} s "
                    f"({size / secs / MiB:,.0f} MiB/s); {'stored' if stored else '**not stored**'}",
-                   f"+{growth[worst] / MiB:.1f} MiB growth", "< 64 MiB", yes(growth[worst] < 64 * MiB and stored))
+                   f"+{growth[worst] / MiB:.1f} MiB growth", "< 64 MiB", yes(growth[worst] < 64 * MiB and stored),
+                   Bar("4. 1 GiB miss: worker RSS growth ÷ 64 MiB (↓)", growth[worst] / (64 * MiB), 1.0,
+                       higher_is_better=False))
 
 
 def main() -> int:
@@ -799,8 +817,9 @@ def main() -> int:
 
     import gunicorn  # only for its version
     fc = importlib.util.find_spec("flask_caching")
+    title = f"cachefetch middleware benchmark{' (--quick)' if args.quick else ''}"
     header = [
-        f"# cachefetch middleware benchmark{' (--quick)' if args.quick else ''}",
+        f"# {title}",
         "",
         (f"- {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {platform.platform()}; "
          f"{os.cpu_count()} CPUs; Python {platform.python_version()}; gunicorn {gunicorn.__version__} "
@@ -812,14 +831,27 @@ def main() -> int:
         *(f"- {note}" for note in bench.notes),
         (f"- whole run: {elapsed:.0f} s; 1-minute load average {load_before:.1f} at the start, "
          f"{os.getloadavg()[0]:.1f} at the end"),
-        "",
     ]
-    text = "\n".join(header) + "\n" + table(rows) + "\n"
+    chart_note = report.ratio_chart(
+        RESULTS_PNG, [r.bar for r in rows if r.bar is not None], title,
+        xlabel="ratio (↑ = higher is better for CacheFetch, ↓ = lower is better); black tick = goal",
+        subtitle=f"{os.cpu_count()} CPUs shared by the load generator and gunicorn; "
+                 f"{datetime.datetime.now().astimezone():%Y-%m-%d}")
+    if chart_note is None:
+        header.append(f"- chart: `{os.path.relpath(RESULTS_PNG, REPO_ROOT)}`")
+    else:
+        header.append(f"- chart skipped: {chart_note}")
+        if os.path.exists(RESULTS_PNG):  # an older run's chart would not match this table
+            os.unlink(RESULTS_PNG)
+            log(f"removed the previous run's {os.path.relpath(RESULTS_PNG, REPO_ROOT)}")
+    text = "\n".join(header) + "\n\n" + table(rows) + "\n"
+    if chart_note is None:
+        text += f"\n![ratios]({os.path.basename(RESULTS_PNG)})\n"
     print(text)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
-    log(f"written to {os.path.relpath(RESULTS, REPO_ROOT)}")
+    report.write_markdown(RESULTS_MD, text)
+    log(f"written to {os.path.relpath(RESULTS_MD, REPO_ROOT)}"
+        + (f" and {os.path.relpath(RESULTS_PNG, REPO_ROOT)}" if chart_note is None
+           else f"; chart skipped: {chart_note}"))
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the cachefetch primitives; print a Markdown table of ratios.
+"""Benchmark the cachefetch primitives; print a Markdown table of ratios, write it and a chart.
 
 Every number in the table is measured in the same run:
 
@@ -12,23 +12,39 @@ Every number in the table is measured in the same run:
    (``time.process_time``), and BLAKE3 single-threaded GB/s on its own.
 3. ``CAFS.commit`` of 10,000 small files per second, fsync on and off.
 
+The table is also written to ``benchmarks/results/primitives.md`` (with the
+date, Python, CPUs and commit), and a chart of the ratios that mean something
+(2b, 3a, BLAKE3 ÷ its 4 GB/s goal) to ``benchmarks/results/primitives.png``
+(matplotlib, the ``bench`` extra; skipped with a note when it is missing).
+
 Usage: ``python benchmarks/bench_primitives.py [--quick]``. It contacts no
-host and removes every file it creates.
+host and removes every temp file it creates.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+RESULTS_MD = os.path.join(HERE, "results", "primitives.md")
+RESULTS_PNG = os.path.join(HERE, "results", "primitives.png")
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, HERE)
 
 import blake3  # noqa: E402
+
+import report  # noqa: E402
+from report import Bar, markdown_table  # noqa: E402
 
 from cachefetch.singleflight import Group  # noqa: E402
 from cachefetch.store import CAFS  # noqa: E402
@@ -36,6 +52,29 @@ from cachefetch.stream import StreamThroughOptions, stream_through  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
+STREAM_GOAL = 1.5  # stream_through CPU ÷ iterate + write
+BLAKE3_GOAL = 4.0  # GB/s, single thread
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def cachefetch_revision() -> str:
+    """The commit of the work tree being measured, and whether cachefetch/ differs from it."""
+    try:
+        head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "cachefetch"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown revision (no git)"
+    return f"commit {head}" + (" with uncommitted changes in cachefetch/" if dirty else "")
+
+
+def finite(x: float) -> float:
+    """``x``, or nan (not drawn) when it is infinite."""
+    return x if math.isfinite(x) else float("nan")
 
 
 def best(runs: int, fn):
@@ -181,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         do_calls, bare_calls, total, runs, files = 20_000, 2_000_000, GiB, 3, 10_000
 
+    revision = cachefetch_revision()
     do_ns, bare_ns = bench_group(do_calls, bare_calls)
 
     stream_parent = pick_temp_parent(total)
@@ -199,26 +239,71 @@ def main(argv: list[str] | None = None) -> int:
     tee_vs_write = s["tee"] / s["write"]
     hash_cpu = total / (s["blake3_gbps"] * 1e9)  # seconds of CPU BLAKE3 alone needs
 
-    print(f"cachefetch primitives — Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"{'--quick' if args.quick else 'full'} run; stream temp dir on {stream_parent}, "
-          f"commit store on {commit_parent}; best of {runs} for CPU timings")
+    intro = (f"cachefetch primitives — Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+             f"{'--quick' if args.quick else 'full'} run; stream temp dir on {stream_parent}, "
+             f"commit store on {commit_parent}; best of {runs} for CPU timings")
+    header = ["#", "measurement", "cachefetch", "baseline", "ratio", "goal"]
+    rows = [
+        ["1", f"`Group.do`, uncontended key, ns/call ({do_calls:,} calls)", f"{do_ns:,.0f} ns",
+         f"{bare_ns:,.0f} ns (bare call under `threading.Lock`)", f"{do_ns / bare_ns:,.0f}×", "—"],
+        ["2a", (f"`stream_through` {size}, CPU s, vs a baseline that touches no bytes (iterating "
+                "references to one in-memory `bytes` object costs ~0 CPU: ratio not meaningful)"),
+         f"{s['tee']:.3f} s", f"{s['plain']:.4f} s (iterate the chunks, write nothing)", f"{tee_vs_plain:,.0f}×",
+         "≤ 1.5×"],
+        ["2b", f"`stream_through` {size}, CPU s, vs iteration + file write", f"{s['tee']:.3f} s",
+         f"{s['write']:.3f} s (iterate + write each chunk to a file)", f"{tee_vs_write:.2f}×", f"≤ {STREAM_GOAL}×"],
+        ["2c", "BLAKE3 alone, single thread", f"{s['blake3_gbps']:.2f} GB/s", f"{hash_cpu:.3f} s for {size}", "—",
+         f"≥ {BLAKE3_GOAL:g} GB/s"],
+        ["2d", "`stream_through` CPU − (write + BLAKE3) = tee overhead",
+         f"{max(0.0, s['tee'] - s['write'] - hash_cpu):.3f} s", "—", "—", "—"],
+        ["3a", f"`CAFS.commit`, {files:,} ~1 KiB files, fsync=True", f"{rate_sync:,.0f} commits/s",
+         f"{rate_nosync:,.0f} commits/s (fsync=False)", f"{rate_nosync / rate_sync:.1f}× slower", "—"],
+        ["3b", f"`CAFS.commit`, {files:,} ~1 KiB files, fsync=False", f"{rate_nosync:,.0f} commits/s", "—", "—",
+         "—"],
+    ]
+    table = markdown_table(header, rows)
+    print(intro)
     print()
-    print("| # | measurement | cachefetch | baseline | ratio | goal |")
-    print("|---|---|---|---|---|---|")
-    print(f"| 1 | `Group.do`, uncontended key, ns/call ({do_calls:,} calls) | {do_ns:,.0f} ns "
-          f"| {bare_ns:,.0f} ns (bare call under `threading.Lock`) | {do_ns / bare_ns:,.0f}× | — |")
-    print(f"| 2a | `stream_through` {size}, CPU s, vs plain iteration | {s['tee']:.3f} s "
-          f"| {s['plain']:.4f} s (iterate the chunks, write nothing) | {tee_vs_plain:,.0f}× | ≤ 1.5× |")
-    print(f"| 2b | `stream_through` {size}, CPU s, vs iteration + file write | {s['tee']:.3f} s "
-          f"| {s['write']:.3f} s (iterate + write each chunk to a file) | {tee_vs_write:.2f}× | ≤ 1.5× |")
-    print(f"| 2c | BLAKE3 alone, single thread | {s['blake3_gbps']:.2f} GB/s "
-          f"| {hash_cpu:.3f} s for {size} | — | ≥ 4 GB/s |")
-    print(f"| 2d | `stream_through` CPU − (write + BLAKE3) = tee overhead | "
-          f"{max(0.0, s['tee'] - s['write'] - hash_cpu):.3f} s | — | — | — |")
-    print(f"| 3a | `CAFS.commit`, {files:,} ~1 KiB files, fsync=True | {rate_sync:,.0f} commits/s "
-          f"| {rate_nosync:,.0f} commits/s (fsync=False) | {rate_nosync / rate_sync:.1f}× slower | — |")
-    print(f"| 3b | `CAFS.commit`, {files:,} ~1 KiB files, fsync=False | {rate_nosync:,.0f} commits/s "
-          f"| — | — | — |")
+    print(table)
+
+    # Only the ratios that mean something: 1 has no goal and dwarfs the rest, 2a's baseline costs
+    # ~0 CPU, 2d and 3b are not ratios.
+    bars = [
+        Bar(f"2b: stream_through CPU ÷ iterate + write, {size} (↓)", finite(tee_vs_write), STREAM_GOAL,
+            higher_is_better=False),
+        Bar(f"2c: BLAKE3 single thread ÷ {BLAKE3_GOAL:g} GB/s goal (↑)", finite(s["blake3_gbps"] / BLAKE3_GOAL),
+            1.0),
+        Bar("3a: CAFS.commit/s, fsync=True ÷ fsync=False (↑)", finite(rate_sync / rate_nosync)),
+    ]
+    now = datetime.datetime.now().astimezone()
+    title = f"cachefetch primitives benchmark{' (--quick)' if args.quick else ''}"
+    chart_note = report.ratio_chart(
+        RESULTS_PNG, bars, title,
+        xlabel="ratio (↑ = higher is better for cachefetch, ↓ = lower is better); black tick = goal",
+        subtitle=f"{os.cpu_count()} CPUs; Python {platform.python_version()}; {now:%Y-%m-%d}")
+    md = [
+        f"# {title}",
+        "",
+        (f"- {now:%Y-%m-%d %H:%M %Z}; {platform.platform()}; {os.cpu_count()} CPUs; "
+         f"Python {platform.python_version()}; blake3 {blake3.__version__}"),
+        f"- cachefetch at {revision}",
+        (f"- {'--quick' if args.quick else 'full'} run; stream temp dir on {stream_parent}, commit store on "
+         f"{commit_parent}; best of {runs} for CPU timings"),
+    ]
+    if chart_note is None:
+        md.append(f"- chart: `{os.path.relpath(RESULTS_PNG, REPO_ROOT)}`")
+    else:
+        md.append(f"- chart skipped: {chart_note}")
+        if os.path.exists(RESULTS_PNG):  # an older run's chart would not match this table
+            os.unlink(RESULTS_PNG)
+            log(f"removed the previous run's {os.path.relpath(RESULTS_PNG, REPO_ROOT)}")
+    text = "\n".join(md) + "\n\n" + table + "\n"
+    if chart_note is None:
+        text += f"\n![ratios]({os.path.basename(RESULTS_PNG)})\n"
+    report.write_markdown(RESULTS_MD, text)
+    log(f"written to {os.path.relpath(RESULTS_MD, REPO_ROOT)}"
+        + (f" and {os.path.relpath(RESULTS_PNG, REPO_ROOT)}" if chart_note is None
+           else f"; chart skipped: {chart_note}"))
     return 0
 
 

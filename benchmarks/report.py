@@ -86,7 +86,7 @@ def ratio_chart(path: str, bars: Sequence[Bar], title: str, xlabel: str = "ratio
     import matplotlib.pyplot as plt
 
     shown = [b for b in bars if not math.isnan(b.ratio)]
-    height = 1.2 + 0.45 * max(1, len(shown))
+    height = max(3.2, 1.2 + 0.45 * len(shown))  # a few bars still get room for their goal labels
     fig, ax = plt.subplots(figsize=(10, height))
     try:
         ys = list(range(len(shown)))[::-1]
@@ -103,6 +103,7 @@ def ratio_chart(path: str, bars: Sequence[Bar], title: str, xlabel: str = "ratio
         ax.set_yticks(ys)
         ax.set_yticklabels([b.label for b in shown], fontsize=9)
         ax.set_xlim(0, top * 1.15)
+        ax.set_ylim(-0.6, len(shown) - 0.1)  # headroom for the top bar's goal label
         ax.set_xlabel(xlabel)
         ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
         fig.tight_layout()
