@@ -93,10 +93,8 @@ class Forwarder:
             route = self.protocol.route(safe_path(environ), environ)
         except RouteError as exc:
             return plain_response(start_response, _status(exc.status), str(exc))
-        if isinstance(route, LocalAnswer):  # cheap to make again: not worth a blob
-            start_response(route.status, [*route.headers, ("Content-Length", str(len(route.body))),
-                                          ("Cache-Control", "no-store")])
-            return [route.body] if method == "GET" else []
+        if isinstance(route, LocalAnswer):
+            return _answer(start_response, route, method)
         return self._forward(environ, start_response, route, method)
 
     def _forward(self, environ: WSGIEnviron, start_response: StartResponse, route: Route,
@@ -115,9 +113,11 @@ class Forwarder:
             if route.digest is not None:
                 resp = self._follow_redirects(resp, route.url, send, upstream_method)
         except UpstreamTimeout as exc:
-            return self._failed(start_response, "timeout", "504 Gateway Timeout", f"the upstream timed out: {exc}")
+            return self._failed(start_response, "timeout", "504 Gateway Timeout", f"the upstream timed out: {exc}",
+                                route.fallback, method)
         except UpstreamError as exc:
-            return self._failed(start_response, "connect", "502 Bad Gateway", f"the upstream is unreachable: {exc}")
+            return self._failed(start_response, "connect", "502 Bad Gateway", f"the upstream is unreachable: {exc}",
+                                route.fallback, method)
         headers = [(k, v) for k, v in resp.headers if k.lower() not in _DROP]
         log.debug("upstream %s %s -> %d", upstream_method, route.url, resp.status)
         if resp.status == 404:
@@ -127,7 +127,8 @@ class Forwarder:
                                   [("Cache-Control", f"public, max-age={self.negative_ttl}")])
         if resp.status >= 500:
             resp.close()
-            return self._failed(start_response, "status", "502 Bad Gateway", f"the upstream answered {resp.status}")
+            return self._failed(start_response, "status", "502 Bad Gateway", f"the upstream answered {resp.status}",
+                                route.fallback, method)
         if resp.status != 200:  # 3xx and 4xx: passed through as they are, never cached
             try:
                 body = resp.content(_DOCUMENT_LIMIT) if upstream_method == "GET" else b""
@@ -208,10 +209,20 @@ class Forwarder:
         raise UpstreamError(f"more than {_MAX_REDIRECTS} redirects from the upstream, last to {url}")
 
     @staticmethod
-    def _failed(start_response: StartResponse, kind: str, status: str, message: str) -> Iterable[bytes]:
+    def _failed(start_response: StartResponse, kind: str, status: str, message: str,
+                fallback: LocalAnswer | None = None, method: str = "GET") -> Iterable[bytes]:
         metrics.UPSTREAM_ERRORS.labels(kind).inc()
         log.warning("%s: %s", status, message)
+        if fallback is not None:
+            return _answer(start_response, fallback, method)
         return plain_response(start_response, status, message)
+
+
+def _answer(start_response: StartResponse, answer: LocalAnswer, method: str) -> list[bytes]:
+    """Give a local answer; cheap to make again, so never stored."""
+    start_response(answer.status, [*answer.headers, ("Content-Length", str(len(answer.body))),
+                                   ("Cache-Control", "no-store")])
+    return [answer.body] if method == "GET" else []
 
 
 def log_fetch(url: str, size: int, started: float, outcome: str) -> None:

@@ -56,14 +56,35 @@ def assert_store_clean(store) -> None:
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_v2_is_answered_locally_with_the_api_version(tmp_path):
-    with Origin() as origin, serve_oci(tmp_path, origin, tmp_path / "store") as server:
+def test_v2_passes_the_upstream_challenge_through_and_never_stores_it(tmp_path):
+    """Clients learn how to authenticate from /v2/'s 401: it must reach them."""
+    store = tmp_path / "store"
+    challenge = 'Bearer realm="http://127.0.0.1:9/token",service="registry.test"'
+    with Origin() as origin:
+        origin.files["/v2/"] = Resource(b'{"errors":[{"code":"UNAUTHORIZED"}]}', content_type="application/json",
+                                        status=401, headers={"WWW-Authenticate": challenge,
+                                                             "Docker-Distribution-API-Version": "registry/2.0"})
+        with serve_oci(tmp_path, origin, store) as server:
+            for _ in range(2):
+                r = fetch(server.port, "/v2/")
+                assert r.status == 401, r.body
+                assert r.headers["WWW-Authenticate"] == challenge
+            assert fetch(server.port, "/v2").status == 401
+            assert origin.hits["/v2/"] == 3  # never answered from the cache
+    assert blobs(store) == set()
+
+
+def test_v2_is_answered_locally_when_the_upstream_is_down(tmp_path):
+    store = tmp_path / "store"
+    origin = Origin()
+    with origin:
+        pass  # started and stopped: its port now refuses connections
+    with serve_oci(tmp_path, origin, store) as server:
         for method in ("GET", "HEAD"):
             r = fetch(server.port, "/v2/", method=method)
             assert r.status == 200, r.body
             assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
-        assert fetch(server.port, "/v2").status == 200
-        assert sum(origin.hits.values()) == 0
+    assert blobs(store) == set()
 
 
 def test_blob_miss_then_hit_head_and_range(tmp_path):

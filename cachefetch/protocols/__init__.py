@@ -39,6 +39,8 @@ class Route:
     :param headers: extra response headers (e.g. ``Docker-Content-Digest``).
     :param vary: request headers the answer depends on (added to ``Vary``).
     :param accept: the ``Accept`` to send upstream instead of the client's.
+    :param fallback: the answer when the upstream is unreachable, times out
+        or fails (5xx), instead of 502/504.
     """
 
     url: str
@@ -49,6 +51,7 @@ class Route:
     headers: tuple[tuple[str, str], ...] = ()
     vary: tuple[str, ...] = ()
     accept: str | None = None
+    fallback: "LocalAnswer | None" = None
 
 
 @dataclass(frozen=True)

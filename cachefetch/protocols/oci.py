@@ -1,6 +1,7 @@
 """``oci``: a pull-through mirror of an OCI distribution (Docker registry v2).
 
-- ``/v2/`` is answered here (API version check);
+- ``/v2/`` (the API version check) is passed to the upstream, for its auth
+  challenge, and answered here when the upstream is unreachable;
 - ``/v2/<name>/blobs/sha256:<hex>`` is verified against its digest and cached
   forever, with ``Docker-Content-Digest``;
 - ``/v2/<name>/manifests/sha256:<hex>`` likewise;
@@ -23,6 +24,8 @@ _NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-
 _BLOB = re.compile(rf"/v2/({_NAME})/blobs/sha256:([0-9a-f]{{64}})")
 _MANIFEST = re.compile(rf"/v2/({_NAME})/manifests/(sha256:[0-9a-f]{{64}}|[A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})")
 _IMMUTABLE = "public, max-age=31536000, immutable"
+_API_VERSION = LocalAnswer("200 OK", (("Content-Type", "application/json"),
+                                      ("Docker-Distribution-API-Version", "registry/2.0")), b"{}")
 _MANIFEST_TYPES = ", ".join([
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -46,8 +49,11 @@ class OCIProtocol:
 
     def route(self, path: str, environ: Mapping[str, Any]) -> Route | LocalAnswer:
         if path in ("/v2", "/v2/"):
-            return LocalAnswer("200 OK", (("Content-Type", "application/json"),
-                                          ("Docker-Distribution-API-Version", "registry/2.0")), b"{}")
+            # The upstream's answer carries its auth challenge (a 401 with
+            # WWW-Authenticate) that clients need; never stored. With the
+            # upstream unreachable, answer here so cached content still serves.
+            return Route(self.base + "/v2/", cache_control="no-store", forward=("Authorization",),
+                         fallback=_API_VERSION)
         forward = ("Accept", "Authorization")
         if m := _BLOB.fullmatch(path):
             digest = m.group(2)
