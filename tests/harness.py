@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -90,27 +91,35 @@ def gunicorn(app: str, tmp_path, env: dict | None = None, workers: int = 2, thre
     cmd = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(workers), "--threads", str(threads),
            "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "--timeout", "60",
            "--log-level", "info", "-c", config, *args, app]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd or tmp_path,
-                                start_new_session=True)
-    server = Server(proc, port, log_path)
-    try:
-        wait_for_port(port, proc)
+    with _running(cmd, port, log_path, full_env, cwd or tmp_path) as server:
         if counting:
+            proc = server.proc
             wait_until(lambda: proc.poll() is not None or len(os.listdir(ready_dir)) >= workers,
                        what="every worker to boot")
             if proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {proc.returncode}")
         yield server
+
+
+@contextlib.contextmanager
+def _running(cmd: list[str], port: int, log_path: str, env: dict, cwd) -> "Iterator[Server]":
+    """Start ``cmd`` in its own session, yield once ``port`` accepts; then
+    SIGTERM it (SIGKILL after 30 s) and reap whatever it left."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+    try:
+        wait_for_port(port, proc)
+        yield Server(proc, port, log_path)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        # Reap anything the arbiter left behind (a worker killed by a test is already gone).
+        # Reap anything left in its session (a worker killed by a test is already gone).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
 
@@ -196,23 +205,8 @@ def cachefetch_serve(tmp_path, *args: str, env: dict | None = None):
     log_path = os.path.join(tmp_path, f"serve-{port}.log")
     full_env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "-m", "cachefetch.cli", "serve", "--bind", f"127.0.0.1:{port}", *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path,
-                                start_new_session=True)
-    server = Server(proc, port, log_path)
-    try:
-        wait_for_port(port, proc)
+    with _running(cmd, port, log_path, full_env, tmp_path) as server:
         yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

@@ -22,6 +22,24 @@ def body_for(path: str, size: int) -> bytes:
     return blake3.blake3(path.encode()).digest(length=size)
 
 
+def make_env(tmp_path) -> dict[str, str]:
+    """The environment for a gunicorn running this app, everything under ``tmp_path``."""
+    gates = os.path.join(tmp_path, "gates")
+    os.makedirs(gates, exist_ok=True)
+    return {"CF_TEST_STORE": os.path.join(tmp_path, "store"), "CF_TEST_CALLS": os.path.join(tmp_path, "calls.log"),
+            "CF_TEST_GATES": gates, "CF_TEST_SENDFILE": os.path.join(tmp_path, "sendfile.log")}
+
+
+def calls(env: dict[str, str], path: str | None = None) -> list[list[str]]:
+    """The app's calls so far, as ``[pid, path]``, optionally for one path."""
+    try:
+        with open(env["CF_TEST_CALLS"]) as f:
+            lines = [line.split() for line in f]
+    except FileNotFoundError:
+        return []
+    return [line for line in lines if path is None or line[1] == path]
+
+
 def record_call(path: str) -> None:
     with open(os.environ["CF_TEST_CALLS"], "a") as f:
         f.write(f"{os.getpid()} {path}\n")

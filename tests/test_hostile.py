@@ -13,7 +13,6 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
-import pytest
 from werkzeug.test import Client
 
 from harness import cachefetch_serve, fetch

@@ -14,7 +14,6 @@ import pytest
 
 from harness import wait_until
 
-from cachefetch.hashing import hash_bytes
 from cachefetch.index import Entry, SQLiteIndex
 from cachefetch.maintenance import (SizeLimiter, clear_orphans, collect_garbage, parse_size, store_usage,
                                     verify_store)

@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from harness import curl, fetch, gunicorn, wait_until
-from herd_app import body_for
+from herd_app import body_for, calls, make_env
 
 from cachefetch.store import CAFS
 
 
 @pytest.fixture
 def env(tmp_path):
-    gates = tmp_path / "gates"
-    gates.mkdir()
-    return {"CF_TEST_STORE": str(tmp_path / "store"), "CF_TEST_CALLS": str(tmp_path / "calls.log"),
-            "CF_TEST_GATES": str(gates), "CF_TEST_SENDFILE": str(tmp_path / "sendfile.log")}
-
-
-def calls(env, path=None):
-    try:
-        with open(env["CF_TEST_CALLS"]) as f:
-            lines = [line.split() for line in f]
-    except FileNotFoundError:
-        return []
-    return [line for line in lines if path is None or line[1] == path]
+    return make_env(tmp_path)
 
 
 def open_gate(env, name):

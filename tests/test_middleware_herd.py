@@ -1,7 +1,6 @@
 """CacheFetch under a real gunicorn (gthread, 2 workers x 32 threads): the herd."""
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from harness import fetch, gunicorn
-from herd_app import body_for
+from herd_app import body_for, calls, make_env
 
 from cachefetch.store import CAFS
 
@@ -18,19 +17,7 @@ SIZE = 10 << 20
 
 @pytest.fixture
 def env(tmp_path):
-    gates = tmp_path / "gates"
-    gates.mkdir()
-    return {"CF_TEST_STORE": str(tmp_path / "store"), "CF_TEST_CALLS": str(tmp_path / "calls.log"),
-            "CF_TEST_GATES": str(gates)}
-
-
-def calls(env, path=None):
-    try:
-        with open(env["CF_TEST_CALLS"]) as f:
-            lines = [line.split() for line in f]
-    except FileNotFoundError:
-        return []
-    return [line for line in lines if path is None or line[1] == path]
+    return make_env(tmp_path)
 
 
 def herd(port, path, n, headers=None):

@@ -11,7 +11,6 @@ import sys
 import time
 import zipfile
 
-import pytest
 
 from harness import cachefetch_serve, fetch, run_cli
 from origin import Origin, Resource
