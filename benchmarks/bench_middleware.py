@@ -36,10 +36,8 @@ import contextlib
 import datetime
 import http.client
 import importlib.util
-import math
 import multiprocessing
 import os
-import platform
 import re
 import resource
 import selectors
@@ -64,16 +62,12 @@ import blake3  # noqa: E402
 
 import bench_apps  # noqa: E402  (constants and the herd's body; builds no app without BENCH_APP)
 import report  # noqa: E402
-from report import Bar, markdown_table  # noqa: E402
+from report import (HOST, Bar, Fetched, Load, fetch, finite, free_port, log, markdown_table,  # noqa: E402
+                    run_wrk)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-HOST = "127.0.0.1"
 WORKERS, THREADS = 2, 32
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # -- gunicorn ------------------------------------------------------------------------
@@ -91,12 +85,6 @@ def worker_exit(server, worker):
         return
     close_all()  # let queued commits land
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 class Gunicorn:
@@ -195,49 +183,6 @@ def proc_rss(pid: int) -> int:
 
 # -- clients ---------------------------------------------------------------------------
 
-@dataclass
-class Fetched:
-    status: int
-    headers: http.client.HTTPMessage
-    size: int
-    digest: str
-    start: float
-    first_byte: float
-    end: float
-
-    @property
-    def ttfb(self) -> float:
-        return self.first_byte - self.start
-
-
-def fetch(port: int, path: str, start: float | None = None, keep: bool = False,
-          headers: dict | None = None, timeout: float = 120) -> tuple[Fetched, bytes | None]:
-    """One GET on a fresh connection: status, headers, size and BLAKE3 of the body, timings."""
-    t0 = time.monotonic() if start is None else start
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        hasher = blake3.blake3()
-        kept = [] if keep else None
-        size, first = 0, None
-        while True:
-            data = resp.read1(1 << 18)
-            if not data:
-                break
-            if first is None:
-                first = time.monotonic()
-            hasher.update(data)
-            size += len(data)
-            if kept is not None:
-                kept.append(data)
-        now = time.monotonic()
-        return (Fetched(resp.status, resp.headers, size, hasher.hexdigest(), t0, first or now, now),
-                b"".join(kept) if kept is not None else None)
-    finally:
-        conn.close()
-
-
 def pull(port: int, path: str, buffer_size: int = MiB) -> tuple[int, int]:
     """GET ``path`` on a fresh connection, reading into one buffer and discarding: (status, bytes)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=300)
@@ -292,35 +237,6 @@ def fixed_requests(port: int, path: str, count: int, concurrency: int) -> tuple[
     if errors:
         raise RuntimeError(f"client failed: {errors[0]!r}")
     return ok[0], total[0], time.monotonic() - t0
-
-
-@dataclass
-class Load:
-    requests: int
-    seconds: float
-    non_2xx: int
-    errors: int
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-
-_DURATION = re.compile(r"([\d.]+)(us|ms|s|m|h)")
-
-
-def run_wrk(port: int, path: str, seconds: float, connections: int, threads: int) -> Load:
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-                          f"http://{HOST}:{port}{path}"], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"(\d+) requests in ([\d.]+\w+),", out)
-    if not m:
-        raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    value, unit = _DURATION.fullmatch(m.group(2)).groups()
-    secs = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}[unit]
-    non_2xx = int(m2.group(1)) if (m2 := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    errors = sum(map(int, m3.groups())) if (m3 := re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
-    return Load(int(m.group(1)), secs, non_2xx, errors)
 
 
 def _py_load_process(port: int, path: str, connections: int, seconds: float, results) -> None:
@@ -414,10 +330,8 @@ class LoadGenerator:
         self.wrk = use_wrk and shutil.which("wrk") is not None
         self.connections = 64
         if self.wrk:
-            version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
-            version = version.split(" Copyright")[0].strip() or "wrk"
             self.threads = 2
-            self.describe = f"`{version}` (-t{self.threads} -c{self.connections}, keep-alive)"
+            self.describe = f"`{report.wrk_version()}` (-t{self.threads} -c{self.connections}, keep-alive)"
         else:
             self.threads = max(1, min(4, os.cpu_count() or 1))
             why = "--no-wrk" if use_wrk is False else "wrk is not on PATH (`apt-get install -y wrk`)"
@@ -440,11 +354,6 @@ class Row:
     goal: str
     met: str
     bar: Bar | None = None  # this row's bar in the chart, if it has one
-
-
-def finite(x: float) -> float:
-    """``x``, or nan (not drawn) when it is infinite."""
-    return x if math.isfinite(x) else float("nan")
 
 
 def fmt_rate(x: float) -> str:
@@ -666,30 +575,12 @@ class Bench:
                             BENCH_CALLS=calls)
         path = "/herd/artifact"
         expected = blake3.blake3(bench_apps.herd_body(path)).hexdigest()
-        barrier = threading.Barrier(clients)
-        results: list[Fetched | BaseException] = [None] * clients  # type: ignore[list-item]
-
-        def client(i: int) -> None:
-            try:
-                barrier.wait()
-                results[i] = fetch(server.port, path)[0]
-            except BaseException as exc:
-                results[i] = exc
-
         try:
-            threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                raise RuntimeError(f"herd: {len(failed)} clients failed: {failed[0]!r}")
+            fetched: list[Fetched] = report.all_at_once(clients, lambda i: fetch(server.port, path)[0], "herd")
             with open(calls) as f:
                 app_calls = sum(1 for line in f if line.strip())
         finally:
             self.stop(server)
-        fetched: list[Fetched] = results  # type: ignore[assignment]
         good = sum(1 for r in fetched if r.status == 200 and r.digest == expected)
         statuses = [r.headers.get("Cache-Status") or "" for r in fetched]
         leaders = [r for r, s in zip(fetched, statuses) if s.endswith("stored")]
@@ -796,11 +687,7 @@ def main() -> int:
     parser.add_argument("--no-wrk", action="store_true", help="use the Python client even if wrk is on PATH")
     args = parser.parse_args()
 
-    def terminate(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, terminate)  # even where the shell started us with SIGINT ignored
+    report.interrupt_on(signal.SIGTERM, signal.SIGINT)  # SIGINT even where the shell started us with it ignored
     bench = Bench(args)
     started = time.monotonic()
     load_before = os.getloadavg()[0]
@@ -821,8 +708,7 @@ def main() -> int:
     header = [
         f"# {title}",
         "",
-        (f"- {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {platform.platform()}; "
-         f"{os.cpu_count()} CPUs; Python {platform.python_version()}; gunicorn {gunicorn.__version__} "
+        (f"- {report.machine(datetime.datetime.now().astimezone())}; gunicorn {gunicorn.__version__} "
          f"`-k gthread -w {WORKERS} --threads {THREADS}` on {HOST}; "
          f"Flask-Caching {'present' if fc else 'missing'}"),
         f"- load generator: {bench.load.describe}; it shares the CPUs with the server",
@@ -832,32 +718,12 @@ def main() -> int:
         (f"- whole run: {elapsed:.0f} s; 1-minute load average {load_before:.1f} at the start, "
          f"{os.getloadavg()[0]:.1f} at the end"),
     ]
-    chart_note = report.ratio_chart(
-        RESULTS_PNG, [r.bar for r in rows if r.bar is not None], title,
-        xlabel="ratio (↑ = higher is better for CacheFetch, ↓ = lower is better); black tick = goal",
-        subtitle=f"{os.cpu_count()} CPUs shared by the load generator and gunicorn; "
-                 f"{datetime.datetime.now().astimezone():%Y-%m-%d}")
-    if chart_note is None:
-        header.append(f"- chart: `{os.path.relpath(RESULTS_PNG, REPO_ROOT)}`")
-    else:
-        header.append(f"- chart skipped: {chart_note}")
-        if os.path.exists(RESULTS_PNG):  # an older run's chart would not match this table
-            os.unlink(RESULTS_PNG)
-            log(f"removed the previous run's {os.path.relpath(RESULTS_PNG, REPO_ROOT)}")
-    text = "\n".join(header) + "\n\n" + table(rows) + "\n"
-    if chart_note is None:
-        text += f"\n![ratios]({os.path.basename(RESULTS_PNG)})\n"
-    print(text)
-    report.write_markdown(RESULTS_MD, text)
-    log(f"written to {os.path.relpath(RESULTS_MD, REPO_ROOT)}"
-        + (f" and {os.path.relpath(RESULTS_PNG, REPO_ROOT)}" if chart_note is None
-           else f"; chart skipped: {chart_note}"))
+    report.write_results(RESULTS_MD, RESULTS_PNG, title, header, table(rows),
+                         [r.bar for r in rows if r.bar is not None], subject="CacheFetch", echo=True,
+                         subtitle=f"{os.cpu_count()} CPUs shared by the load generator and gunicorn; "
+                                  f"{datetime.datetime.now().astimezone():%Y-%m-%d}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; servers stopped and temp files removed")
-        sys.exit(130)
+    report.run_main(main)

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +42,7 @@ sys.path.insert(0, HERE)
 import blake3  # noqa: E402
 
 import report  # noqa: E402
-from report import Bar, markdown_table  # noqa: E402
+from report import Bar, cachefetch_revision, finite, markdown_table  # noqa: E402
 
 from cachefetch.singleflight import Group  # noqa: E402
 from cachefetch.store import CAFS  # noqa: E402
@@ -54,27 +52,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 STREAM_GOAL = 1.5  # stream_through CPU ÷ iterate + write
 BLAKE3_GOAL = 4.0  # GB/s, single thread
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def cachefetch_revision() -> str:
-    """The commit of the work tree being measured, and whether cachefetch/ differs from it."""
-    try:
-        head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "cachefetch"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "an unknown revision (no git)"
-    return f"commit {head}" + (" with uncommitted changes in cachefetch/" if dirty else "")
-
-
-def finite(x: float) -> float:
-    """``x``, or nan (not drawn) when it is infinite."""
-    return x if math.isfinite(x) else float("nan")
 
 
 def best(runs: int, fn):
@@ -277,33 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     now = datetime.datetime.now().astimezone()
     title = f"cachefetch primitives benchmark{' (--quick)' if args.quick else ''}"
-    chart_note = report.ratio_chart(
-        RESULTS_PNG, bars, title,
-        xlabel="ratio (↑ = higher is better for cachefetch, ↓ = lower is better); black tick = goal",
-        subtitle=f"{os.cpu_count()} CPUs; Python {platform.python_version()}; {now:%Y-%m-%d}")
     md = [
         f"# {title}",
         "",
-        (f"- {now:%Y-%m-%d %H:%M %Z}; {platform.platform()}; {os.cpu_count()} CPUs; "
-         f"Python {platform.python_version()}; blake3 {blake3.__version__}"),
+        f"- {report.machine(now)}; blake3 {blake3.__version__}",
         f"- cachefetch at {revision}",
         (f"- {'--quick' if args.quick else 'full'} run; stream temp dir on {stream_parent}, commit store on "
          f"{commit_parent}; best of {runs} for CPU timings"),
     ]
-    if chart_note is None:
-        md.append(f"- chart: `{os.path.relpath(RESULTS_PNG, REPO_ROOT)}`")
-    else:
-        md.append(f"- chart skipped: {chart_note}")
-        if os.path.exists(RESULTS_PNG):  # an older run's chart would not match this table
-            os.unlink(RESULTS_PNG)
-            log(f"removed the previous run's {os.path.relpath(RESULTS_PNG, REPO_ROOT)}")
-    text = "\n".join(md) + "\n\n" + table + "\n"
-    if chart_note is None:
-        text += f"\n![ratios]({os.path.basename(RESULTS_PNG)})\n"
-    report.write_markdown(RESULTS_MD, text)
-    log(f"written to {os.path.relpath(RESULTS_MD, REPO_ROOT)}"
-        + (f" and {os.path.relpath(RESULTS_PNG, REPO_ROOT)}" if chart_note is None
-           else f"; chart skipped: {chart_note}"))
+    report.write_results(RESULTS_MD, RESULTS_PNG, title, md, table, bars,
+                         subtitle=f"{os.cpu_count()} CPUs; Python {platform.python_version()}; {now:%Y-%m-%d}")
     return 0
 
 

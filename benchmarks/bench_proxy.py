@@ -41,8 +41,6 @@ import datetime
 import http.client
 import multiprocessing
 import os
-import platform
-import re
 import shutil
 import signal
 import socket
@@ -65,10 +63,10 @@ sys.path.insert(0, HERE)
 import blake3  # noqa: E402  (a cachefetch dependency: checks the herd's bodies)
 
 import report  # noqa: E402
-from report import Bar, markdown_table, met  # noqa: E402
+from report import (HOST, Bar, Fetched, Load, cachefetch_revision, fetch, free_port, log,  # noqa: E402
+                    markdown_table, met)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-HOST = "127.0.0.1"
 WORKERS, THREADS = 2, 32
 COLD_SIZE = 100 * MiB
 SMALL_SIZE = 4 * KiB
@@ -78,16 +76,6 @@ COLD_GOAL = 0.75
 HERD_GOAL = 1.2  # median follower TTFB ÷ leader TTFB, as in the middleware's herd test
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, alive, what: str, timeout: float = 60.0) -> None:
@@ -233,18 +221,6 @@ class CachefetchServe(Proc):
         except BaseException:
             self.stop()
             raise
-
-
-def cachefetch_revision() -> str:
-    """The commit of the work tree being measured, and whether cachefetch/ differs from it."""
-    try:
-        head_ = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "cachefetch"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "an unknown revision (no git)"
-    return f"commit {head_}" + (" with uncommitted changes in cachefetch/" if dirty else "")
 
 
 def nginx_version(nginx: str) -> str:
@@ -488,79 +464,8 @@ class _Lines:
         return next(self._lines, b"")
 
 
-@dataclass
-class Fetched:
-    status: int
-    cache: str
-    size: int
-    digest: str
-    start: float
-    first_byte: float
-    end: float
-
-    @property
-    def ttfb(self) -> float:
-        return self.first_byte - self.start
-
-
-def fetch_timed(port: int, path: str) -> Fetched:
-    """One GET on a fresh connection: status, cache header, size, BLAKE3 of the body, timings."""
-    t0 = time.monotonic()
-    conn = http.client.HTTPConnection(HOST, port, timeout=120)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        hasher = blake3.blake3()
-        size, first = 0, None
-        while True:
-            data = resp.read1(1 << 18)
-            if not data:
-                break
-            if first is None:
-                first = time.monotonic()
-            hasher.update(data)
-            size += len(data)
-        now = time.monotonic()
-        return Fetched(resp.status, cache_header(resp.headers), size, hasher.hexdigest(), t0, first or now, now)
-    finally:
-        conn.close()
-
-
-@dataclass
-class Load:
-    requests: int
-    bytes: int
-    seconds: float
-    non_2xx: int
-    errors: int
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-    @property
-    def bps(self) -> float:
-        return self.bytes / self.seconds
-
-
-_DURATION = re.compile(r"([\d.]+)(us|ms|s|m|h)")
-_UNITS = {"B": 1, "KB": KiB, "MB": MiB, "GB": GiB, "TB": 1 << 40}
-
-
 def run_wrk(port: int, path: str, seconds: float, connections: int, threads: int) -> Load:
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-                          "--timeout", "30s", f"http://{HOST}:{port}{path}"],
-                         capture_output=True, text=True, check=True, env=clean_env()).stdout
-    m = re.search(r"(\d+) requests in ([\d.]+\w+), ([\d.]+)([KMGT]?B) read", out)
-    if not m:
-        raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    value, unit = _DURATION.fullmatch(m.group(2)).groups()
-    secs = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}[unit]
-    read = int(float(m.group(3)) * _UNITS[m.group(4)])
-    non_2xx = int(m2.group(1)) if (m2 := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    errors = sum(map(int, m3.groups())) if (m3 := re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
-    return Load(int(m.group(1)), read, secs, non_2xx, errors)
+    return report.run_wrk(port, path, seconds, connections, threads, options=["--timeout", "30s"], env=clean_env())
 
 
 def _py_load_process(port: int, path: str, connections: int, seconds: float, results) -> None:
@@ -622,17 +527,17 @@ def run_python_load(port: int, path: str, seconds: float, connections: int, proc
             if p.is_alive():
                 p.kill()
                 p.join()
-    return Load(sum(g[0]["requests"] for g in got), sum(g[0]["bytes"] for g in got), max(g[1] for g in got),
-                sum(g[0]["non_2xx"] for g in got), sum(g[0]["errors"] for g in got))
+    return Load(requests=sum(g[0]["requests"] for g in got), bytes=sum(g[0]["bytes"] for g in got),
+                seconds=max(g[1] for g in got), non_2xx=sum(g[0]["non_2xx"] for g in got),
+                errors=sum(g[0]["errors"] for g in got))
 
 
 class LoadGenerator:
     def __init__(self, use_wrk: bool) -> None:
         self.wrk = use_wrk and shutil.which("wrk") is not None
         if self.wrk:
-            version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
             self.threads = 2
-            self.describe = f"`{version.split(' Copyright')[0].strip() or 'wrk'}` (-t{self.threads}, keep-alive)"
+            self.describe = f"`{report.wrk_version()}` (-t{self.threads}, keep-alive)"
         else:
             self.threads = 2
             self.describe = (f"Python http.client ({self.threads} processes of keep-alive threads; wrk not on "
@@ -834,31 +739,14 @@ class Bench:
 
     def herd_once(self, name: str, port: int, path: str) -> dict:
         expected = blake3.blake3(herd_body(path)).hexdigest()
-        barrier = threading.Barrier(HERD_CLIENTS)
-        results: list = [None] * HERD_CLIENTS
-
-        def client(i: int) -> None:
-            try:
-                barrier.wait()
-                results[i] = fetch_timed(port, path)
-            except BaseException as exc:
-                results[i] = exc
-
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(HERD_CLIENTS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            raise RuntimeError(f"herd {name}: {len(failed)} clients failed: {failed[0]!r}")
-        fetched: list[Fetched] = results
+        fetched: list[Fetched] = report.all_at_once(HERD_CLIENTS, lambda i: fetch(port, path)[0], f"herd {name}")
+        caches = [cache_header(r.headers) for r in fetched]
         if name == "cachefetch":
-            leaders = [r for r in fetched if r.cache.endswith("stored")]
-            followers = [r for r in fetched if "collapsed" in r.cache]
+            leaders = [r for r, c in zip(fetched, caches) if c.endswith("stored")]
+            followers = [r for r, c in zip(fetched, caches) if "collapsed" in c]
         else:
-            leaders = [r for r in fetched if r.cache == "MISS"]
-            followers = [r for r in fetched if r.cache == "HIT"]
+            leaders = [r for r, c in zip(fetched, caches) if c == "MISS"]
+            followers = [r for r, c in zip(fetched, caches) if c == "HIT"]
         start = min(r.start for r in fetched)
         out = {
             "upstream": self.trickle.requests(path),
@@ -869,7 +757,7 @@ class Bench:
             "median": statistics.median(r.ttfb for r in followers) if followers else float("nan"),
             "max": max(r.ttfb for r in followers) if followers else float("nan"),
             "total": max(r.end for r in fetched) - start,
-            "statuses": sorted({r.cache for r in fetched}),
+            "statuses": sorted(set(caches)),
         }
         log(f"herd {name}: {out['upstream']} upstream requests, {out['leaders']} leader(s) TTFB "
             f"{out['leader']:.3f} s, {out['followers']} followers median {out['median']:.3f} s max "
@@ -1018,10 +906,7 @@ def main() -> int:
     parser.add_argument("--no-curl", action="store_true", help="use http.client even if curl is on PATH")
     args = parser.parse_args()
 
-    def terminate(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
+    report.interrupt_on(signal.SIGTERM)
     started = time.monotonic()
     bench = None
     busy_before = revision = "unknown"
@@ -1047,8 +932,7 @@ def main() -> int:
     header = [
         f"# {title}",
         "",
-        f"- {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {platform.platform()}; "
-        f"{os.cpu_count()} CPUs; Python {platform.python_version()}; all on {HOST}",
+        f"- {report.machine(datetime.datetime.now().astimezone())}; all on {HOST}",
         f"- cachefetch: `python -m cachefetch.cli serve --protocol generic --workers {WORKERS} --threads {THREADS}` "
         f"(gunicorn {gunicorn.__version__} gthread) at {revision}, a fresh store in a temp dir on the disk, "
         "default options (**fsync on**)",
@@ -1061,33 +945,12 @@ def main() -> int:
         *(f"- {note}" for note in bench.notes),
         f"- whole run: {elapsed:.0f} s",
     ]
-    chart_note = report.ratio_chart(
-        RESULTS_PNG, bench.bars, title,
-        xlabel="ratio (↑ = higher is better for cachefetch, ↓ = lower is better); black tick = goal",
-        subtitle=f"{os.cpu_count()} CPUs shared by clients and servers; "
-                 f"{datetime.datetime.now().astimezone():%Y-%m-%d}")
-    if chart_note is None:
-        header.append(f"- chart: `{os.path.relpath(RESULTS_PNG, REPO_ROOT)}`")
-    else:
-        header.append(f"- chart skipped: {chart_note}")
-        if os.path.exists(RESULTS_PNG):  # an older run's chart would not match these tables
-            os.unlink(RESULTS_PNG)
-            log(f"removed the previous run's {os.path.relpath(RESULTS_PNG, REPO_ROOT)}")
-    body = "\n\n".join(s.render() for s in sections)
-    text = "\n".join(header) + "\n\n" + body + "\n"
-    if chart_note is None:
-        text += f"\n![ratios]({os.path.basename(RESULTS_PNG)})\n"
-    print(text)
-    report.write_markdown(RESULTS_MD, text)
-    log(f"written to {os.path.relpath(RESULTS_MD, REPO_ROOT)}"
-        + (f" and {os.path.relpath(RESULTS_PNG, REPO_ROOT)}" if chart_note is None
-           else f"; chart skipped: {chart_note}"))
+    report.write_results(RESULTS_MD, RESULTS_PNG, title, header, "\n\n".join(s.render() for s in sections),
+                         bench.bars, echo=True,
+                         subtitle=f"{os.cpu_count()} CPUs shared by clients and servers; "
+                                  f"{datetime.datetime.now().astimezone():%Y-%m-%d}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; servers stopped and temp files removed")
-        sys.exit(130)
+    report.run_main(main)

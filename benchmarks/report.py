@@ -1,22 +1,48 @@
-"""Shared output of the benchmark scripts: Markdown tables, a results file, a PNG chart.
+"""What the benchmark scripts share: their output, and the helpers they have in common.
+
+Output:
 
 - :func:`markdown_table` renders rows as a GitHub Markdown table;
 - :func:`write_markdown` writes a results file (``benchmarks/results/*.md``);
 - :func:`ratio_chart` draws a horizontal bar chart of ratios (one bar per
   measurement, the goal marked where there is one) with matplotlib, the
   ``bench`` extra. Without matplotlib it draws nothing and says why, so a
-  benchmark still prints and writes its tables.
+  benchmark still prints and writes its tables;
+- :func:`write_results` is every script's epilogue: the chart, then the
+  results file that names it (or says why there is none), then a log line.
+
+Helpers: :func:`log` (stderr), :func:`cachefetch_revision`, :func:`machine`,
+:func:`finite`, :func:`free_port`, :func:`fetch` (one timed GET, the body's
+BLAKE3), :func:`all_at_once` (the herd's clients), :func:`run_wrk`, and
+:func:`interrupt_on` with :func:`run_main` for stopping cleanly on Ctrl-C and
+SIGTERM.
 
 It imports nothing from ``cachefetch`` or ``tests``.
 """
 from __future__ import annotations
 
+import datetime
+import http.client
 import math
 import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, NoReturn, Sequence
 
-__all__ = ["Bar", "markdown_table", "write_markdown", "ratio_chart", "met"]
+__all__ = ["Bar", "markdown_table", "write_markdown", "ratio_chart", "met", "write_results", "log",
+           "cachefetch_revision", "machine", "finite", "HOST", "free_port", "Fetched", "fetch", "all_at_once",
+           "Load", "run_wrk", "wrk_version", "interrupt_on", "run_main"]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+HOST = "127.0.0.1"  # every server the benchmarks start listens here, and nothing else is contacted
 
 
 def met(ok: bool | None) -> str:
@@ -112,3 +138,205 @@ def ratio_chart(path: str, bars: Sequence[Bar], title: str, xlabel: str = "ratio
     finally:
         plt.close(fig)
     return None
+
+
+def write_results(md_path: str, png_path: str, title: str, header: Sequence[str], body: str,
+                  bars: Sequence[Bar], subtitle: str, subject: str = "cachefetch", echo: bool = False) -> None:
+    """A run's epilogue: the chart ``png_path``, then ``md_path`` (``header`` lines, ``body``, the chart).
+
+    The header gets a line naming the chart, or saying why it was skipped (a
+    previous run's chart is then removed: it would not match these tables).
+    ``echo`` prints the Markdown too. ``subject`` is what a higher ratio favours.
+    """
+    chart_note = ratio_chart(
+        png_path, bars, title,
+        xlabel=f"ratio (↑ = higher is better for {subject}, ↓ = lower is better); black tick = goal",
+        subtitle=subtitle)
+    header = list(header)
+    if chart_note is None:
+        header.append(f"- chart: `{os.path.relpath(png_path, REPO_ROOT)}`")
+    else:
+        header.append(f"- chart skipped: {chart_note}")
+        if os.path.exists(png_path):  # an older run's chart would not match these tables
+            os.unlink(png_path)
+            log(f"removed the previous run's {os.path.relpath(png_path, REPO_ROOT)}")
+    text = "\n".join(header) + "\n\n" + body + "\n"
+    if chart_note is None:
+        text += f"\n![ratios]({os.path.basename(png_path)})\n"
+    if echo:
+        print(text)
+    write_markdown(md_path, text)
+    log(f"written to {os.path.relpath(md_path, REPO_ROOT)}"
+        + (f" and {os.path.relpath(png_path, REPO_ROOT)}" if chart_note is None
+           else f"; chart skipped: {chart_note}"))
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def cachefetch_revision() -> str:
+    """The commit of the work tree being measured, and whether cachefetch/ differs from it."""
+    try:
+        head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "cachefetch"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown revision (no git)"
+    return f"commit {head}" + (" with uncommitted changes in cachefetch/" if dirty else "")
+
+
+def machine(now: datetime.datetime) -> str:
+    """When and on what: ``now``, the platform, the CPU count, the Python version."""
+    return (f"{now:%Y-%m-%d %H:%M %Z}; {platform.platform()}; {os.cpu_count()} CPUs; "
+            f"Python {platform.python_version()}")
+
+
+def finite(x: float) -> float:
+    """``x``, or nan (not drawn) when it is infinite."""
+    return x if math.isfinite(x) else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Fetched:
+    status: int
+    headers: http.client.HTTPMessage
+    size: int
+    digest: str
+    start: float
+    first_byte: float
+    end: float
+
+    @property
+    def ttfb(self) -> float:
+        return self.first_byte - self.start
+
+
+def fetch(port: int, path: str, start: float | None = None, keep: bool = False,
+          headers: dict | None = None, timeout: float = 120) -> tuple[Fetched, bytes | None]:
+    """One GET on a fresh connection: status, headers, size and BLAKE3 of the body, timings."""
+    import blake3  # a cachefetch dependency; only the scripts that fetch need it
+
+    t0 = time.monotonic() if start is None else start
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        hasher = blake3.blake3()
+        kept = [] if keep else None
+        size, first = 0, None
+        while True:
+            data = resp.read1(1 << 18)
+            if not data:
+                break
+            if first is None:
+                first = time.monotonic()
+            hasher.update(data)
+            size += len(data)
+            if kept is not None:
+                kept.append(data)
+        now = time.monotonic()
+        return (Fetched(resp.status, resp.headers, size, hasher.hexdigest(), t0, first or now, now),
+                b"".join(kept) if kept is not None else None)
+    finally:
+        conn.close()
+
+
+def all_at_once(count: int, fn: Callable[[int], object], what: str) -> list:
+    """``fn(i)`` for each of ``count`` clients, each in a thread, released together by a barrier.
+
+    :returns: the results, in client order.
+    :raises RuntimeError: when any client raised (``what`` names the run).
+    """
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def client(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = fn(i)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise RuntimeError(f"{what}: {len(failed)} clients failed: {failed[0]!r}")
+    return results
+
+
+@dataclass
+class Load:
+    """What a load generator got: ``bytes`` is 0 where it does not count them."""
+
+    requests: int
+    seconds: float
+    non_2xx: int
+    errors: int
+    bytes: int = 0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def bps(self) -> float:
+        return self.bytes / self.seconds
+
+
+_DURATION = re.compile(r"([\d.]+)(us|ms|s|m|h)")
+_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def run_wrk(port: int, path: str, seconds: float, connections: int, threads: int,
+            options: Sequence[str] = (), env: dict[str, str] | None = None) -> Load:
+    """``wrk`` on ``path`` for ``seconds`` (whole, at least 1), and what its summary says."""
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", *options,
+                          f"http://{HOST}:{port}{path}"], capture_output=True, text=True, check=True, env=env).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+\w+), ([\d.]+)([KMGT]?B) read", out)
+    if not m:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    value, unit = _DURATION.fullmatch(m.group(2)).groups()
+    secs = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}[unit]
+    read = int(float(m.group(3)) * _UNITS[m.group(4)])
+    non_2xx = int(m2.group(1)) if (m2 := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    errors = sum(map(int, m3.groups())) if (m3 := re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
+    return Load(int(m.group(1)), secs, non_2xx, errors, read)
+
+
+def wrk_version() -> str:
+    """The first line of ``wrk -v`` up to its copyright, e.g. ``wrk 4.2.0 [epoll]``."""
+    version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    return version.split(" Copyright")[0].strip() or "wrk"
+
+
+def interrupt_on(*signums: int) -> None:
+    """Turn these signals into KeyboardInterrupt, so ``finally`` blocks stop servers and remove temp files."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for signum in signums:
+        signal.signal(signum, terminate)
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Exit with ``main()``'s code; on KeyboardInterrupt (Ctrl-C, :func:`interrupt_on`), with 130."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; servers stopped and temp files removed")
+        sys.exit(130)
