@@ -456,7 +456,12 @@ class CacheFetch:
 
     def _follow(self, environ: WSGIEnviron, start_response: StartResponse, follow: Follow,
                 deadline: float, stale: Entry | None, key: str) -> Iterable[bytes]:
-        """Answer from another request's fetch; raises :class:`_Retry` to start over."""
+        """Answer from another request's fetch; raises :class:`_Retry` to start over.
+
+        ``follow`` is closed here, unless the answer streams the leader's body
+        (then the answer's ``close()`` closes it).
+        """
+        streaming = False
         try:
             try:
                 journal = follow.wait(deadline)
@@ -495,11 +500,12 @@ class CacheFetch:
                 if journal.final == "F":
                     return self._failed_flight(environ, start_response, journal.detail or {}, stale)
                 raise _Retry() from None
-        except BaseException:
-            follow.close()
-            raise
-        start_response(head["status"], headers)
-        return _Prepended([first], body, follow)
+            start_response(head["status"], headers)
+            streaming = True
+            return _Prepended([first], body, follow)
+        finally:
+            if not streaming:
+                follow.close()
 
     def _serve_finished(self, environ: WSGIEnviron, start_response: StartResponse, follow: Follow,
                         head: dict[str, Any], headers: list[tuple[str, str]],

@@ -90,12 +90,27 @@ def get(c: Client, path: str = "/r", **kw):
     return c.get(path, buffered=True, **kw)
 
 
+def open_store_files(mw: CacheFetch) -> list[str]:
+    """Files under the store this process still holds open (the index's aside)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        name = target.removesuffix(" (deleted)")
+        if name.startswith(mw.store.root + os.sep) and not os.path.basename(name).startswith("index.sqlite3"):
+            held.append(target)
+    return held
+
+
 def assert_clean(mw: CacheFetch) -> None:
-    """No commit pending, and no temp file or flight left behind."""
+    """No commit pending; no temp file, flight or open descriptor left behind."""
     mw.committer.flush(WAIT)
     assert os.listdir(mw.store.temp_dir) == []
     assert os.listdir(mw.flights.dir) == []
     assert mw.store.verify() == []
+    assert open_store_files(mw) == []
 
 
 def cache_status(r) -> str | None:
