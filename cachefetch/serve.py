@@ -95,12 +95,20 @@ class _FileRange:
         self._file.close()
 
 
-def _iter_file(file: _FileRange) -> Iterator[bytes]:
-    try:
-        while chunk := file.read(_BLOCK_SIZE):
+class _FileChunks:
+    """A ``_FileRange`` as a WSGI iterable; ``close()`` closes the file even
+    if iteration never started (a client that left before the body)."""
+
+    def __init__(self, file: _FileRange) -> None:
+        self._file = file
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self._file.read(_BLOCK_SIZE):
             yield chunk
-    finally:
-        file.close()
+        self._file.close()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _unquote_etag(etag: str) -> tuple[str, bool]:
@@ -212,4 +220,4 @@ def serve_blob_file(environ: WSGIEnviron, start_response: StartResponse, file: B
     wrapper = environ.get("wsgi.file_wrapper")
     if wrapper is not None:
         return wrapper(body, _BLOCK_SIZE)
-    return _iter_file(body)
+    return _FileChunks(body)
