@@ -110,6 +110,12 @@ class Group(Generic[T]):
         with self._lock:
             self._calls.pop(key, None)
 
+    def callers(self, key: Hashable) -> int:
+        """How many callers the running flight for ``key`` has now (0 if none)."""
+        with self._lock:
+            call = self._calls.get(key)
+            return call.callers if call is not None else 0
+
     def in_flight(self, key: Hashable) -> bool:
         """Whether a call for ``key`` is running now."""
         with self._lock:

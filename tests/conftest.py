@@ -15,6 +15,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from cachefetch.index import Entry, SQLiteIndex  # noqa: E402
 from cachefetch.store import CAFS  # noqa: E402
 
 
@@ -22,3 +23,23 @@ from cachefetch.store import CAFS  # noqa: E402
 def store(tmp_path):
     """A fresh CAFS under the test's ``tmp_path``, with fsync on (the default)."""
     return CAFS(tmp_path / "store")
+
+
+@pytest.fixture
+def cafs(tmp_path):
+    """A store and its index, laid out as ``cachefetch serve`` lays them out
+    (fsync off); the index is closed afterwards."""
+    store = CAFS(tmp_path / "store", fsync=False)
+    index = SQLiteIndex(os.path.join(store.root, "index.sqlite3"))
+    yield store, index
+    index.close()
+
+
+def add_entry(store: CAFS, index: SQLiteIndex, key: str, data: bytes, last_used: float | None = None) -> Entry:
+    """Store ``data`` as the entry ``key``, optionally setting when it was last used."""
+    blob = store.put(data)
+    entry = Entry(key, "", blob.hash, blob.size)
+    index.put(entry)
+    if last_used is not None:
+        index.touch(key, "", last_used)
+    return entry

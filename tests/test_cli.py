@@ -21,34 +21,18 @@ import time
 
 import pytest
 
+from conftest import add_entry
+
 from harness import REPO_ROOT, cachefetch_serve, fetch, free_port, run_cli, wait_until
 from origin import Origin, Resource
 
-from cachefetch.index import Entry, SQLiteIndex
+from cachefetch.index import SQLiteIndex
 from cachefetch.store import CAFS
 
 HOUR = 3600.0
 
 
 # -- helpers ------------------------------------------------------------------
-
-@pytest.fixture
-def cafs(tmp_path):
-    """An empty store under tmp_path/store and its index (closed afterwards)."""
-    store = CAFS(tmp_path / "store", fsync=False)
-    index = SQLiteIndex(os.path.join(store.root, "index.sqlite3"))
-    yield store, index
-    index.close()
-
-
-def add(store: CAFS, index: SQLiteIndex, key: str, data: bytes, last_used: float | None = None) -> Entry:
-    blob = store.put(data)
-    entry = Entry(key, "", blob.hash, blob.size)
-    index.put(entry)
-    if last_used is not None:
-        index.touch(key, "", last_used)
-    return entry
-
 
 def keys(index: SQLiteIndex) -> set[str]:
     return {e.key for e in index}
@@ -123,16 +107,16 @@ def lock_is_held(path: str) -> bool:
 
 def plant_damage(store: CAFS, index: SQLiteIndex) -> dict:
     """Two sound entries, then one of each kind of damage and leftover."""
-    planted = {"good": [add(store, index, "good-1", b"good one\n" * 100),
-                        add(store, index, "good-2", b"good two\n" * 300)]}
-    corrupt = planted["corrupt"] = add(store, index, "corrupt", b"soon corrupt\n" * 50)
+    planted = {"good": [add_entry(store, index, "good-1", b"good one\n" * 100),
+                        add_entry(store, index, "good-2", b"good two\n" * 300)]}
+    corrupt = planted["corrupt"] = add_entry(store, index, "corrupt", b"soon corrupt\n" * 50)
     path = store.path(corrupt.hash)
     os.chmod(path, 0o644)  # blobs are read-only; damage comes from below the store
     with open(path, "r+b") as f:
         f.seek(100)
         f.write(b"BITROT")
     os.chmod(path, 0o444)
-    missing = planted["missing"] = add(store, index, "missing", b"lost blob\n" * 20)
+    missing = planted["missing"] = add_entry(store, index, "missing", b"lost blob\n" * 20)
     os.unlink(store.path(missing.hash))
 
     # A killed leader: a journal with records under no lock, and its temp file.
@@ -167,7 +151,7 @@ def plant_damage(store: CAFS, index: SQLiteIndex) -> dict:
 def test_verify_clean_store_is_sound(cafs):
     store, index = cafs
     for i in range(3):
-        add(store, index, f"k{i}", bytes([i]) * 1000)
+        add_entry(store, index, f"k{i}", bytes([i]) * 1000)
     result = run_cli("verify", "--store", store.root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "store is sound" in result.stdout
@@ -261,8 +245,8 @@ def test_gc_command_evicts_least_recently_used_down_to_the_size(cafs):
     store, index = cafs
     now = time.time()
     ages = {"a": 2 * HOUR, "b": 4 * HOUR, "c": 1 * HOUR, "d": 3 * HOUR}
-    entries = {k: add(store, index, k, k.encode() * 1024, last_used=now - age) for k, age in ages.items()}
-    add(store, index, "in-use", b"u" * 1024)  # used just now: never evicted
+    entries = {k: add_entry(store, index, k, k.encode() * 1024, last_used=now - age) for k, age in ages.items()}
+    add_entry(store, index, "in-use", b"u" * 1024)  # used just now: never evicted
     result = run_cli("gc", "--store", store.root, "--max-size", "3K")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == "5.0 KiB -> 3.0 KiB: 2 entries evicted, 2 blobs removed\n"
@@ -293,9 +277,9 @@ def stats(store_dir: str) -> tuple[dict, dict]:
 def test_stats_of_a_store_that_never_served(cafs):
     store, index = cafs
     shared = b"s" * 1000
-    add(store, index, "a", shared)
-    add(store, index, "b", shared)      # two entries, one blob
-    add(store, index, "c", b"c" * 500)
+    add_entry(store, index, "a", shared)
+    add_entry(store, index, "b", shared)      # two entries, one blob
+    add_entry(store, index, "c", b"c" * 500)
     store.put(b"o" * 48)                 # a blob no entry points at
     data, rows = stats(store.root)
     assert data == {"store": store.root, "entries": 3, "blobs": 3, "bytes": 1548,
@@ -477,7 +461,7 @@ def test_store_that_is_a_file_exits_2(tmp_path):
 
 def test_gc_max_size_junk_exits_2(cafs):
     store, index = cafs
-    add(store, index, "a", b"a" * 100, last_used=time.time() - HOUR)
+    add_entry(store, index, "a", b"a" * 100, last_used=time.time() - HOUR)
     for junk in ("junk", "5X", "-1", "1.2.3", ""):
         result = run_cli("gc", "--store", store.root, "--max-size", junk, timeout=30)
         assert_one_line_error(result)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import pytest
+
+from harness import wait_until
 from werkzeug.test import Client
 
 from cachefetch.download import Downloader, HandleResultParams, Result, ServeOptions, handle_result
@@ -38,23 +39,6 @@ def downloader():
 
 class NotFound(Exception):
     pass
-
-
-def wait_until(predicate, timeout: float = WAIT) -> None:
-    """Poll ``predicate`` until it holds: only for state no Event can signal,
-    such as how many callers have joined a flight inside ``Group.do``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.0005)
-
-
-def callers_of(group: Group, key) -> int:
-    """How many callers have joined the flight for ``key`` (0 if none)."""
-    with group._lock:
-        call = group._calls.get(key)
-        return call.callers if call is not None else 0
 
 
 def respond(store, downloader, key, result=None, error=None, **kwargs):
@@ -99,7 +83,7 @@ def test_downloader_coalesces_concurrent_callers(store, downloader):
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: callers_of(downloader.group, "key") == n)  # all joined the one flight
+        wait_until(lambda: downloader.group.callers("key") == n)  # all joined the one flight
     finally:
         release.set()
         for t in threads:

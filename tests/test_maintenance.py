@@ -12,33 +12,16 @@ import time
 
 import pytest
 
+from conftest import add_entry
+
 from harness import wait_until
 
-from cachefetch.index import Entry, SQLiteIndex
+from cachefetch.index import SQLiteIndex
 from cachefetch.maintenance import (SizeLimiter, clear_orphans, collect_garbage, parse_size, store_usage,
                                     verify_store)
 from cachefetch.store import CAFS
 
 HOUR = 3600.0
-
-
-@pytest.fixture
-def cafs(tmp_path):
-    """A store and its index, as ``cachefetch serve`` lays them out; the index is closed afterwards."""
-    store = CAFS(tmp_path / "store", fsync=False)
-    index = SQLiteIndex(os.path.join(store.root, "index.sqlite3"))
-    yield store, index
-    index.close()
-
-
-def add(store: CAFS, index: SQLiteIndex, key: str, data: bytes, last_used: float | None = None) -> Entry:
-    """Store ``data`` as the entry ``key`` and set when it was last used."""
-    blob = store.put(data)
-    entry = Entry(key, "", blob.hash, blob.size)
-    index.put(entry)
-    if last_used is not None:
-        index.touch(key, "", last_used)
-    return entry
 
 
 def age_blob(store: CAFS, h, seconds: float) -> None:
@@ -91,7 +74,7 @@ def test_gc_evicts_least_recently_used_first_and_stops_at_the_size(cafs):
     ages = {"c": 4 * HOUR, "a": 3 * HOUR, "d": 2 * HOUR, "b": 1 * HOUR}
     blobs = {}
     for key in "abcd":
-        blobs[key] = add(store, index, key, key.encode() * 1000, last_used=now - ages[key]).hash
+        blobs[key] = add_entry(store, index, key, key.encode() * 1000, last_used=now - ages[key]).hash
     assert store_usage(store) == (4, 4000)
 
     report = collect_garbage(store, index, 3000)  # exactly one eviction reaches 3000
@@ -108,7 +91,7 @@ def test_gc_evicts_least_recently_used_first_and_stops_at_the_size(cafs):
 
 def test_gc_does_nothing_when_under_the_size(cafs):
     store, index = cafs
-    add(store, index, "a", b"x" * 1000, last_used=time.time() - HOUR)
+    add_entry(store, index, "a", b"x" * 1000, last_used=time.time() - HOUR)
     report = collect_garbage(store, index, 1000)
     assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (1000, 1000, 0, 0)
     assert keys(index) == {"a"}
@@ -117,9 +100,9 @@ def test_gc_does_nothing_when_under_the_size(cafs):
 def test_gc_never_evicts_an_entry_used_in_the_last_minute(cafs):
     store, index = cafs
     now = time.time()
-    old = add(store, index, "old", b"o" * 1000, last_used=now - 61)
-    recent = add(store, index, "recent", b"r" * 1000, last_used=now - 50)
-    fresh = add(store, index, "fresh", b"f" * 1000)  # put() records a use now
+    old = add_entry(store, index, "old", b"o" * 1000, last_used=now - 61)
+    recent = add_entry(store, index, "recent", b"r" * 1000, last_used=now - 50)
+    fresh = add_entry(store, index, "fresh", b"f" * 1000)  # put() records a use now
     report = collect_garbage(store, index, 0)
     assert keys(index) == {"recent", "fresh"}
     assert not store.exists(old.hash)
@@ -134,7 +117,7 @@ def test_gc_never_evicts_an_entry_used_in_the_last_minute(cafs):
 def test_gc_removes_unreferenced_blobs_only_past_the_grace_period(cafs):
     store, index = cafs
     now = time.time()
-    entry = add(store, index, "a", b"a" * 1000, last_used=now - HOUR)
+    entry = add_entry(store, index, "a", b"a" * 1000, last_used=now - HOUR)
     stale = store.put(b"s" * 1000).hash    # no entry, written long ago: a leftover
     young = store.put(b"y" * 1000).hash    # no entry yet: maybe a commit whose entry is coming
     age_blob(store, stale, 601)
@@ -159,9 +142,9 @@ def test_gc_keeps_a_blob_another_entry_still_points_at(cafs):
     store, index = cafs
     now = time.time()
     shared = b"shared" * 200
-    a = add(store, index, "a", shared, last_used=now - 3 * HOUR)
-    b = add(store, index, "b", b"b" * 1200, last_used=now - 2 * HOUR)
-    c = add(store, index, "c", shared, last_used=now - HOUR)
+    a = add_entry(store, index, "a", shared, last_used=now - 3 * HOUR)
+    b = add_entry(store, index, "b", b"b" * 1200, last_used=now - 2 * HOUR)
+    c = add_entry(store, index, "c", shared, last_used=now - HOUR)
     assert a.hash == c.hash
     report = collect_garbage(store, index, 1500)
     # Evicting "a" frees nothing ("c" still needs its blob), so "b" goes too.
@@ -173,10 +156,10 @@ def test_gc_keeps_a_blob_another_entry_still_points_at(cafs):
 def test_gc_counts_entries_whose_blob_is_already_gone(cafs):
     store, index = cafs
     now = time.time()
-    ghost = add(store, index, "ghost", b"g" * 1000, last_used=now - 2 * HOUR)
+    ghost = add_entry(store, index, "ghost", b"g" * 1000, last_used=now - 2 * HOUR)
     store.delete(ghost.hash)
-    add(store, index, "a", b"a" * 1000, last_used=now - HOUR)
-    add(store, index, "b", b"b" * 1000, last_used=now - 100)
+    add_entry(store, index, "a", b"a" * 1000, last_used=now - HOUR)
+    add_entry(store, index, "b", b"b" * 1000, last_used=now - 100)
     report = collect_garbage(store, index, 1000)
     assert keys(index) == {"b"}
     assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (2000, 1000, 2, 1)
@@ -184,7 +167,7 @@ def test_gc_counts_entries_whose_blob_is_already_gone(cafs):
 
 def test_gc_leaves_an_open_blob_readable(cafs):
     store, index = cafs
-    entry = add(store, index, "a", b"being served" * 100, last_used=time.time() - HOUR)
+    entry = add_entry(store, index, "a", b"being served" * 100, last_used=time.time() - HOUR)
     with store.open(entry.hash) as f:
         collect_garbage(store, index, 0)
         assert not store.exists(entry.hash)
@@ -202,7 +185,7 @@ def test_gc_rejects_a_negative_size(cafs):
 def test_verify_store_reports_progress_for_every_blob(cafs):
     store, index = cafs
     for i in range(3):
-        add(store, index, f"k{i}", bytes([i]) * (100 * (i + 1)))
+        add_entry(store, index, f"k{i}", bytes([i]) * (100 * (i + 1)))
     calls = []
     report = verify_store(store, index, progress=lambda *a: calls.append(a))
     assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)]
@@ -212,9 +195,9 @@ def test_verify_store_reports_progress_for_every_blob(cafs):
 
 def test_verify_store_repair_removes_the_corrupt_blob_and_every_entry_on_it(cafs):
     store, index = cafs
-    bad = add(store, index, "bad1", b"will rot" * 50)
-    add(store, index, "bad2", b"will rot" * 50)
-    good = add(store, index, "good", b"fine" * 50)
+    bad = add_entry(store, index, "bad1", b"will rot" * 50)
+    add_entry(store, index, "bad2", b"will rot" * 50)
+    good = add_entry(store, index, "good", b"fine" * 50)
     path = store.path(bad.hash)
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:
@@ -247,7 +230,7 @@ def test_clear_orphans_spares_young_put_temps(cafs):
 def test_size_limiter_shrinks_a_store_in_the_background_and_stop_joins(cafs):
     store, index = cafs
     now = time.time()
-    entries = [add(store, index, f"k{i}", bytes([i]) * 4096, last_used=now - (10 - i) * HOUR) for i in range(6)]
+    entries = [add_entry(store, index, f"k{i}", bytes([i]) * 4096, last_used=now - (10 - i) * HOUR) for i in range(6)]
     assert store_usage(store)[1] == 6 * 4096
     limiter = SizeLimiter(store, index, max_size=2 * 4096, interval=0.01)
     limiter.start()
@@ -276,7 +259,7 @@ def test_size_limiter_defers_to_another_collector_holding_the_lock(cafs):
     store, index = cafs
     now = time.time()
     for i in range(3):
-        add(store, index, f"k{i}", bytes([i]) * 1000, last_used=now - HOUR)
+        add_entry(store, index, f"k{i}", bytes([i]) * 1000, last_used=now - HOUR)
     lock_path = os.path.join(store.root, "gc.lock")
     # Another worker's collector holds the lock: this limiter must keep out of the way.
     with open(lock_path, "a") as lock:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import threading
-import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from harness import wait_until
 
 from cachefetch.singleflight import Group, WaitTimeout
 
@@ -18,23 +19,6 @@ def group():
     g = Group()
     yield g
     g.shutdown(wait=True)
-
-
-def wait_until(predicate, timeout: float = WAIT) -> None:
-    """Poll ``predicate`` until it holds: only for state no Event can signal,
-    such as how many callers have joined a flight inside ``Group.do``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.0005)
-
-
-def callers_of(group: Group, key) -> int:
-    """How many callers have joined the flight for ``key`` (0 if none)."""
-    with group._lock:
-        call = group._calls.get(key)
-        return call.callers if call is not None else 0
 
 
 class Runner:
@@ -99,7 +83,7 @@ def test_concurrent_callers_share_one_call(group):
     try:
         for _ in range(n):
             runner.start(group, "key", fn)
-        wait_until(lambda: callers_of(group, "key") == n)  # all 100 joined the flight
+        wait_until(lambda: group.callers("key") == n)  # all 100 joined the flight
     finally:
         release.set()
         runner.join()
@@ -174,7 +158,7 @@ def test_error_propagates_to_all_waiters(group):
     try:
         for _ in range(n):
             runner.start(group, "key", failing_fn)
-        wait_until(lambda: callers_of(group, "key") == n)
+        wait_until(lambda: group.callers("key") == n)
     finally:
         release.set()
         runner.join()
@@ -244,7 +228,7 @@ def test_old_flight_finishing_after_forget_leaves_the_new_flight_in_place(group)
         # The old flight ended; the new one must still be the key's flight.
         assert group.in_flight("key")
         c = runner.start(group, "key", lambda: calls.append("third"))
-        wait_until(lambda: callers_of(group, "key") == 2)
+        wait_until(lambda: group.callers("key") == 2)
     finally:
         release_old.set()
         release_new.set()
