@@ -276,6 +276,11 @@ class CacheFetch:
             self.index.delete(entry.key, entry.variant)
             self._recent.pop(entry.key, None)
             return None
+        return self._serve_open(environ, start_response, entry, file, cache_status)
+
+    def _serve_open(self, environ: WSGIEnviron, start_response: StartResponse, entry: Entry, file: Any,
+                    cache_status: str) -> Iterable[bytes]:
+        """Answer with ``entry``, whose blob is open as ``file`` (now ours to close)."""
         headers = list(entry.headers)
         opts = ServeOptions(
             content_type=policy.header(headers, "Content-Type") or "application/octet-stream",
@@ -323,16 +328,9 @@ class CacheFetch:
                 return self._passthrough(environ, start_response, "fwd=miss; detail=store-unavailable")
             if lead is not None:
                 if not revalidate:  # a flight may have finished between lookup and lock
-                    entry = self._matching(self.index.get(key), environ, authorized)
-                    now = self.clock()
-                    if entry is not None and entry.is_fresh(now):
-                        lead.release()
-                        served = self._serve_entry(environ, start_response, entry, self._hit_status(entry, now))
-                        if served is not None:
-                            return served
-                        lead = self.flights.lead(flight)
-                        if lead is None:
-                            continue
+                    served = self._fresh_hit(environ, start_response, key, authorized, lead)
+                    if served is not None:
+                        return served
                 try:
                     return self._lead(environ, start_response, lead, key, stale, authorized,
                                       "request" if revalidate else "stale" if stale else "miss")
@@ -340,7 +338,10 @@ class CacheFetch:
                     lead.fail("upstream", repr(exc))
                     raise
             if follow is None:
-                if head_request or authorized:
+                if head_request or authorized:  # cannot lead: look once more, then go to the app
+                    served = None if revalidate else self._fresh_hit(environ, start_response, key, authorized)
+                    if served is not None:  # an empty list (a HEAD) is an answer too
+                        return served
                     return self._passthrough(environ, start_response, "fwd=miss")
                 continue  # the flight ended between our two calls: look again
             try:
@@ -355,6 +356,22 @@ class CacheFetch:
                 continue
 
     # -- the leader ------------------------------------------------------
+
+    def _fresh_hit(self, environ: WSGIEnviron, start_response: StartResponse, key: str, authorized: bool,
+                   lead: Lead | None = None) -> Iterable[bytes] | None:
+        """Serve a fresh entry committed since our first look (asking the index
+        itself, not the per-process memory), releasing ``lead`` if we serve."""
+        entry = self._matching(self.index.get(key), environ, authorized)
+        now = self.clock()
+        if entry is None or not entry.is_fresh(now):
+            return None
+        try:
+            file = self.store.open(entry.hash, buffered=False)
+        except BlobNotFound:
+            return None  # keep leading: the fetch will put it back
+        if lead is not None:
+            lead.release()
+        return self._serve_open(environ, start_response, entry, file, self._hit_status(entry, now))
 
     def _lead(self, environ: WSGIEnviron, start_response: StartResponse, lead: Lead, key: str,
               stale: Entry | None, authorized: bool, forward: str) -> Iterable[bytes]:

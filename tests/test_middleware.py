@@ -1238,3 +1238,26 @@ def test_announced_length_over_max_object_size_is_not_stored_and_says_so(make):
 def test_booleans_are_not_numbers(tmp_path, kw):
     with pytest.raises(ValueError):
         CacheFetch(_app, tmp_path / "store", **kw)
+
+
+def test_head_that_finds_no_flight_looks_at_the_index_once_more(make, monkeypatch):
+    """A HEAD cannot lead: when its first look found nothing and the flight has
+    ended by the time it looks for one, the entry that flight committed answers it."""
+    app = App(headers=[("Cache-Control", "max-age=60")])
+    mw = make(app)
+    c = client(mw)
+    stored_then_flush(mw, c)
+    mw._recent.clear()
+    real_get = mw.index.get
+    looks = []
+
+    def first_look_misses(key):  # the commit lands just after the first look
+        looks.append(key)
+        return [] if len(looks) == 1 else real_get(key)
+
+    monkeypatch.setattr(mw.index, "get", first_look_misses)
+    r = c.head("/r")
+    assert r.status_code == 200 and r.data == b""
+    assert cache_status(r).startswith(HIT)
+    assert app.calls == 1 and len(looks) == 2
+    assert_clean(mw)
