@@ -212,12 +212,14 @@ class SQLiteIndex:
         size = db.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT hash, size FROM entries)").fetchone()[0]
         return entries, size
 
-    def least_recently_used(self, limit: int = 1000, used_before: float | None = None) -> list[Entry]:
+    def least_recently_used(self, limit: int = 1000, used_before: float | None = None,
+                            offset: int = 0) -> list[Entry]:
         """Up to ``limit`` entries, least recently used first (only those last
-        used before ``used_before``, if given)."""
+        used before ``used_before``, if given), after skipping ``offset``."""
         rows = self._connect().execute(
-            f"SELECT {_COLUMNS} FROM entries WHERE last_used < ? ORDER BY last_used ASC LIMIT ?",
-            (float("inf") if used_before is None else used_before, limit)).fetchall()
+            f"SELECT {_COLUMNS} FROM entries WHERE last_used < ? ORDER BY last_used ASC, key, variant "
+            "LIMIT ? OFFSET ?",
+            (float("inf") if used_before is None else used_before, limit, offset)).fetchall()
         return [_entry(r) for r in rows]
 
     def last_used(self, key: str, variant: str) -> float:

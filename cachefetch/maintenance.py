@@ -21,7 +21,7 @@ from .inflight import Flights
 from .store import CAFS
 
 __all__ = ["VerifyReport", "verify_store", "GCReport", "collect_garbage", "parse_size", "SizeLimiter",
-           "store_usage"]
+           "store_usage", "open_blobs", "clear_orphans"]
 
 log = logging.getLogger("cachefetch.maintenance")
 
@@ -142,6 +142,34 @@ class GCReport:
     removed_blobs: int = 0
 
 
+def open_blobs(store: CAFS) -> set[str]:
+    """Paths of the blobs some process has open now: being sent, or read.
+
+    Read from Linux's ``/proc/<pid>/fd``; processes we may not inspect, and
+    systems without ``/proc``, show nothing.
+    """
+    prefix = store.blobs_dir + os.sep
+    held: set[str] = set()
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return held
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                held.add(target)
+    return held
+
+
 def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int, *, grace: float = 600.0,
                     protect: float = 60.0) -> GCReport:
     """Evict until the blobs take at most ``max_size`` bytes.
@@ -149,9 +177,8 @@ def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int, *, grace: fl
     First blobs no entry points at, once older than ``grace`` seconds (a
     younger one may be a commit whose entry is about to be written); then
     entries least recently used first, removing each blob no entry points at
-    any more. Entries used in the last ``protect`` seconds are never evicted.
-    A blob still being sent keeps its bytes until the transfer ends: an open
-    file outlives its unlink.
+    any more. Never evicted: entries used in the last ``protect`` seconds, and
+    blobs a process has open (being served) with the entries pointing at them.
 
     :raises ValueError: if ``max_size`` is negative.
     """
@@ -166,21 +193,26 @@ def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int, *, grace: fl
             continue
         sizes[h] = (st.st_size, st.st_mtime)
     total = report.before = sum(s for s, _ in sizes.values())
+    busy = open_blobs(store)
     now = time.time()
     for h, (size, mtime) in sizes.items():
         if total <= max_size:
             break
-        if now - mtime > grace and not index.referenced(h):
+        if now - mtime > grace and store.path(h) not in busy and not index.referenced(h):
             if store.delete(h):
                 total -= size
                 report.removed_blobs += 1
+    kept = 0  # busy entries stay at the front of the LRU order: skip past them
     while total > max_size:
-        batch = index.least_recently_used(256, used_before=now - protect)
+        batch = index.least_recently_used(256, used_before=now - protect, offset=kept)
         if not batch:
             break
         for entry in batch:
             if total <= max_size:
                 break
+            if store.path(entry.hash) in busy:
+                kept += 1
+                continue
             index.delete(entry.key, entry.variant)
             report.evicted_entries += 1
             if not index.referenced(entry.hash) and store.delete(entry.hash):

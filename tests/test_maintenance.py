@@ -165,13 +165,19 @@ def test_gc_counts_entries_whose_blob_is_already_gone(cafs):
     assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (2000, 1000, 2, 1)
 
 
-def test_gc_leaves_an_open_blob_readable(cafs):
+def test_gc_never_evicts_a_blob_being_served(cafs):
     store, index = cafs
-    entry = add_entry(store, index, "a", b"being served" * 100, last_used=time.time() - HOUR)
-    with store.open(entry.hash) as f:
-        collect_garbage(store, index, 0)
-        assert not store.exists(entry.hash)
+    now = time.time()
+    served = add_entry(store, index, "served", b"being served" * 100, last_used=now - 3 * HOUR)
+    other = add_entry(store, index, "other", b"o" * 1000, last_used=now - 2 * HOUR)
+    with store.open(served.hash) as f:  # a response sending it holds it open like this
+        report = collect_garbage(store, index, 0)
+        assert keys(index) == {"served"} and store.exists(served.hash)
+        assert not store.exists(other.hash)
+        assert (report.evicted_entries, report.removed_blobs, report.after) == (1, 1, 1200)
         assert f.read() == b"being served" * 100
+    report = collect_garbage(store, index, 0)  # sent: now it may go
+    assert len(index) == 0 and not store.exists(served.hash)
 
 
 def test_gc_rejects_a_negative_size(cafs):
