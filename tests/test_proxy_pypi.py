@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -127,3 +128,23 @@ def test_files_host_not_on_the_allow_list_is_refused(tmp_path):
             assert b"127.0.0.2:9/x.whl" in page.body  # left as is: not routed through the proxy
             refused = fetch(server.port, "/-/files/127.0.0.2:9/" + "0" * 64 + "/x.whl")
             assert refused.status == 403
+
+
+def test_pip_install_through_a_pep_691_json_index(tmp_path):
+    filename, wheel = build_wheel("jsonpkg", "2.0", 7)
+    sha = hashlib.sha256(wheel).hexdigest()
+    with Origin() as index, Origin() as files:
+        files.files[f"/packages/{filename}"] = Resource(wheel)
+        doc = {"meta": {"api-version": "1.0"}, "name": "jsonpkg",
+               "files": [{"filename": filename, "url": f"{files.url}/packages/{filename}", "hashes": {"sha256": sha},
+                          "core-metadata": {"sha256": "0" * 64}}]}
+        index.files["/simple/jsonpkg/"] = Resource(json.dumps(doc).encode(),
+                                                   content_type="application/vnd.pypi.simple.v1+json")
+        with cachefetch_serve(tmp_path, "--upstream", index.url, "--protocol", "pypi", "--files-upstream",
+                              files.url, "--store", str(tmp_path / "store"), "--threads", "4") as server:
+            result = pip("install", "--no-deps", "--target", str(tmp_path / "t"), "--index-url",
+                         f"{server.url}/simple/", "jsonpkg", cwd=tmp_path)
+            assert result.returncode == 0, result.stderr + server.log()
+            assert (tmp_path / "t" / "jsonpkg" / "__init__.py").read_text() == "VALUE = 7\n"
+            assert files.hits[f"/packages/{filename}"] == 1
+            assert not any(path.endswith(".metadata") for path in files.hits)  # PEP 658 link was dropped
