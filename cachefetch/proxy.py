@@ -92,7 +92,9 @@ class Forwarder:
         try:
             route = self.protocol.route(safe_path(environ), environ)
         except RouteError as exc:
-            return plain_response(start_response, _status(exc.status), str(exc))
+            # Refusals cost nothing to repeat: storing them would let any
+            # client fill the store with junk paths.
+            return plain_response(start_response, _status(exc.status), str(exc), [("Cache-Control", "no-store")])
         if isinstance(route, LocalAnswer):
             return _answer(start_response, route, method)
         return self._forward(environ, start_response, route, method)

@@ -15,6 +15,7 @@ import pytest
 from harness import cachefetch_serve, curl, fetch, gunicorn, run_cli, wait_until
 from origin import Origin, Resource
 
+from cachefetch.index import SQLiteIndex
 from cachefetch.store import CAFS
 from cachefetch.hashing import hash_bytes
 
@@ -388,3 +389,17 @@ def test_concurrent_clients_of_a_mismatching_blob_none_gets_it_whole(tmp_path):
             wait_settled(store)
             assert blobs(store) == set()
     assert_store_clean(store)
+
+
+def test_refused_paths_are_not_stored(tmp_path):
+    store = tmp_path / "store"
+    with Origin() as origin, serve_oci(tmp_path, origin, store) as server:
+        for i in range(5):
+            r = fetch(server.port, f"/v2/not-a-route/{i}")
+            assert r.status == 404 and r.headers["Cache-Control"] == "no-store"
+    assert blobs(store) == set()
+    index = SQLiteIndex(os.path.join(store, "index.sqlite3"))
+    try:
+        assert len(index) == 0
+    finally:
+        index.close()
