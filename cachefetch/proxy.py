@@ -125,7 +125,8 @@ class Forwarder:
         if resp.status == 404:
             resp.close()
             log_fetch(route.url, 0, resp.started, "404 not found")
-            return plain_response(start_response, "404 Not Found", f"not found upstream: {route.url}",
+            # One body for every path: all negative entries share a single blob.
+            return plain_response(start_response, "404 Not Found", "not found upstream",
                                   [("Cache-Control", f"public, max-age={self.negative_ttl}")])
         if resp.status >= 500:
             resp.close()

@@ -274,6 +274,10 @@ def test_upstream_404_is_404_and_negatively_cached(tmp_path):
             assert second.status == 404 and second.body == first.body
             assert second.headers["Cache-Status"].startswith("cachefetch; hit"), second.headers["Cache-Status"]
             assert origin.hits["/base/missing.bin"] == 1
+            # Every negative entry shares one blob: junk paths cost index rows, not files.
+            assert fetch(server.port, "/also-missing.bin").status == 404
+            wait_settled(store)
+            assert len(blobs(store)) == 1
             # it appears upstream; once the negative TTL lapses it is fetched again
             origin.files["/base/missing.bin"] = Resource(b"here now")
             time.sleep(1.2)  # let the 1 s negative TTL lapse: expiry is the behaviour under test
