@@ -222,12 +222,6 @@ class SQLiteIndex:
             (float("inf") if used_before is None else used_before, limit, offset)).fetchall()
         return [_entry(r) for r in rows]
 
-    def last_used(self, key: str, variant: str) -> float:
-        """When the entry was last used (0 if absent)."""
-        row = self._connect().execute("SELECT last_used FROM entries WHERE key = ? AND variant = ?",
-                                      (key, variant)).fetchone()
-        return row[0] if row else 0.0
-
     def touch_many(self, uses: dict[tuple[str, str], float]) -> None:
         """Record many uses at once: ``{(key, variant): when}``."""
         self._connect().executemany("UPDATE entries SET last_used = ? WHERE key = ? AND variant = ?",

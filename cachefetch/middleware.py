@@ -19,7 +19,6 @@ import itertools
 import logging
 import threading
 import weakref
-from http import HTTPStatus
 import os
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -30,8 +29,8 @@ from . import policy
 from .hashing import Hash
 from .index import Entry, Index, SQLiteIndex
 from .inflight import Flights, Follow, Lead, LeaderGone
-from .serve import ServeOptions, serve_blob_file, serve_from_store
-from .wsgi import StartResponse, WSGIEnviron, plain_response
+from .serve import ServeOptions, serve_blob_file
+from .wsgi import StartResponse, WSGIEnviron, plain_response, status_line
 from .store import CAFS, Blob, BlobNotFound
 from .logutil import warn_limited
 from .stream import CacheAbandoned, Committer, StreamThroughOptions, StreamThroughResult, stream_through
@@ -281,13 +280,8 @@ class CacheFetch:
     def _serve_open(self, environ: WSGIEnviron, start_response: StartResponse, entry: Entry, file: Any,
                     cache_status: str) -> Iterable[bytes]:
         """Answer with ``entry``, whose blob is open as ``file`` (now ours to close)."""
-        headers = list(entry.headers)
-        opts = ServeOptions(
-            content_type=policy.header(headers, "Content-Type") or "application/octet-stream",
-            extra_headers=[(k, v) for k, v in headers if k.lower() not in ("content-type", "etag")]
-            + [("Age", str(entry.age(self.clock()))), (_CACHE_STATUS, cache_status)],
-            etag=policy.header(headers, "ETag"),
-            status=_status_line(entry.status), memory_limit=_MEMORY_LIMIT)
+        opts = _replay_options(entry.headers, status_line(entry.status),
+                               [("Age", str(entry.age(self.clock()))), (_CACHE_STATUS, cache_status)])
         self._record_use(entry)
         return serve_blob_file(environ, start_response, file, Blob(entry.hash, entry.size), opts)
 
@@ -535,13 +529,12 @@ class CacheFetch:
         if journal.final != "D":
             raise _Retry()
         h = Hash.from_hex(journal.detail["hash"])
-        if not self.store.exists(h):
-            raise _Retry()  # committed blob vanished (gc) or commit failed
-        keep = [(k, v) for k, v in headers if k.lower() not in ("content-type", "content-length", "etag")]
-        opts = ServeOptions(content_type=policy.header(headers, "Content-Type") or "application/octet-stream",
-                            extra_headers=keep, etag=policy.header(headers, "ETag"),
-                            status=head["status"])
-        return serve_from_store(environ, start_response, self.store, Blob(h, journal.detail["size"]), opts)
+        try:
+            file = self.store.open(h, buffered=False)
+        except BlobNotFound:
+            raise _Retry() from None  # committed blob vanished (gc) or commit failed
+        return serve_blob_file(environ, start_response, file, Blob(h, journal.detail["size"]),
+                               _replay_options(headers, head["status"]))
 
     def _failed_flight(self, environ: WSGIEnviron, start_response: StartResponse, detail: dict[str, Any],
                        stale: Entry | None) -> Iterable[bytes]:
@@ -579,6 +572,18 @@ class _Prepended:
         _close(self._owner)
 
 
+def _replay_options(headers: Iterable[tuple[str, str]], status: str,
+                    extra: Iterable[tuple[str, str]] = ()) -> ServeOptions:
+    """How to answer with a stored response: its headers (the serve layer sets
+    Content-Type, Content-Length and ETag itself, from these), plus ``extra``."""
+    headers = list(headers)
+    return ServeOptions(
+        content_type=policy.header(headers, "Content-Type") or "application/octet-stream",
+        extra_headers=[(k, v) for k, v in headers if k.lower() not in ("content-type", "content-length", "etag")]
+        + list(extra),
+        etag=policy.header(headers, "ETag"), status=status, memory_limit=_MEMORY_LIMIT)
+
+
 def _close(obj: object) -> None:
     close = getattr(obj, "close", None)
     if callable(close):
@@ -593,13 +598,6 @@ def _check_amount(name: str, value: object, *, allow_none: bool = False, integer
     if isinstance(value, bool) or not isinstance(value, kinds) or not value >= 0:  # NaN fails >= 0
         unit = "bytes" if integer else "seconds"
         raise ValueError(f"{name} must be {unit} >= 0{' or None' if allow_none else ''}, got {value!r}")
-
-
-def _status_line(code: int) -> str:
-    try:
-        return f"{code} {HTTPStatus(code).phrase}"
-    except ValueError:
-        return f"{code} Unknown"
 
 
 def _content_length(headers: list[tuple[str, str]]) -> int:

@@ -24,7 +24,7 @@ from . import metrics, policy
 from .index import SQLiteIndex
 from .middleware import CacheFetch
 from .protocols import LocalAnswer, Route, RouteError, make_protocol, netloc_of, safe_path
-from .serve import StartResponse, WSGIEnviron, plain_response
+from .wsgi import StartResponse, WSGIEnviron, plain_response, status_line
 from .store import CAFS
 from .upstream import (Upstream, UpstreamError, UpstreamTimeout)
 
@@ -94,7 +94,7 @@ class Forwarder:
         except RouteError as exc:
             # Refusals cost nothing to repeat: storing them would let any
             # client fill the store with junk paths.
-            return plain_response(start_response, _status(exc.status), str(exc), [("Cache-Control", "no-store")])
+            return plain_response(start_response, status_line(exc.status), str(exc), [("Cache-Control", "no-store")])
         if isinstance(route, LocalAnswer):
             return _answer(start_response, route, method)
         return self._forward(environ, start_response, route, method)
@@ -273,12 +273,6 @@ class _Body:
             close()
         self._resp.close()
         self._log("stopped early")
-
-
-def _status(code: int) -> str:
-    from http import HTTPStatus
-
-    return f"{code} {HTTPStatus(code).phrase}"
 
 
 class ProxyApp:

@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
@@ -417,8 +417,6 @@ class Committer:
 
         :raises TimeoutError: if ``timeout`` seconds pass first.
         """
-        from concurrent.futures import wait
-
         with self._lock:
             pending = list(self._pending)
         _, not_done = wait(pending, timeout)

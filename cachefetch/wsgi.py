@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import re
+from http import HTTPStatus
 from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["WSGIEnviron", "StartResponse", "HeaderList", "normalize_headers", "plain_response"]
+__all__ = ["WSGIEnviron", "StartResponse", "normalize_headers", "plain_response", "status_line"]
 
 _NAME = re.compile(r"[^\s:\x00]+")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 WSGIEnviron = dict[str, Any]
 StartResponse = Callable[..., Any]
-HeaderList = list[tuple[str, str]]
 
 
 def normalize_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -42,3 +42,11 @@ def plain_response(start_response: StartResponse, status: str, message: str,
     start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
                             ("Content-Length", str(len(body))), *headers])
     return [body]
+
+
+def status_line(code: int) -> str:
+    """``"404 Not Found"`` for 404; ``"NNN Unknown"`` for a code with no standard phrase."""
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"{code} Unknown"
