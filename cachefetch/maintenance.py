@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .hashing import Hash, hash_file
+from .hashing import Hash
 from .index import SQLiteIndex
 from .inflight import Flights
 from .store import CAFS
@@ -94,23 +94,18 @@ def verify_store(store: CAFS, index: SQLiteIndex, repair: bool = False,
     :param progress: called as ``progress(done, total, bytes)`` after each blob.
     """
     report = VerifyReport(repaired=repair)
-    hashes = list(store)
-    for done, h in enumerate(hashes, 1):
-        try:
-            actual, size = hash_file(store.path(h))
-        except FileNotFoundError:
-            actual = None  # deleted while we walked
-        if actual is not None:
+
+    def on_blob(done: int, total: int, size: int | None) -> None:
+        if size is not None:
             report.blobs_checked += 1
             report.bytes_checked += size
-            if actual != h:
-                log.warning("blob %s is corrupt: its content hashes to %s", h.hex, actual.hex)
-                report.corrupt_blobs.append(h)
-                if repair:
-                    index.delete_hash(h)
-                    store.delete(h)
         if progress is not None:
-            progress(done, len(hashes), report.bytes_checked)
+            progress(done, total, report.bytes_checked)
+
+    report.corrupt_blobs = store.verify(remove=repair, on_blob=on_blob)
+    if repair:
+        for h in report.corrupt_blobs:
+            index.delete_hash(h)
     for entry in index:
         if not store.exists(entry.hash):
             report.missing_blob_entries.append((entry.key, entry.variant, entry.hash))

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .hashing import Hash, Hasher, hash_file
 
@@ -289,18 +289,24 @@ class CAFS:
 
     # -- maintenance -----------------------------------------------------
 
-    def verify(self, remove: bool = False) -> list[Hash]:
+    def verify(self, remove: bool = False,
+               on_blob: Callable[[int, int, int | None], None] | None = None) -> list[Hash]:
         """Re-hash every blob; return those whose content does not match their name.
 
         :param remove: also delete the mismatching blobs.
+        :param on_blob: called after each blob as ``on_blob(done, total, size)``;
+            ``size`` is ``None`` for a blob deleted while we walked.
         """
         bad = []
-        for h in self:
+        hashes = list(self)
+        for done, h in enumerate(hashes, 1):
             try:
-                actual, _ = hash_file(self.path(h))
+                actual, size = hash_file(self.path(h))
             except FileNotFoundError:
-                continue  # deleted while we walked
-            if actual != h:
+                actual = size = None  # deleted while we walked
+            if on_blob is not None:
+                on_blob(done, len(hashes), size)
+            if actual is not None and actual != h:
                 log.warning("blob %s is corrupt (content hashes to %s)", h.hex, actual.hex)
                 bad.append(h)
                 if remove:
