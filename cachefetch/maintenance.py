@@ -17,7 +17,7 @@ from typing import Callable
 
 from .hashing import Hash
 from .index import SQLiteIndex
-from .inflight import Flights
+from .flights import Flights
 from .store import CAFS
 
 __all__ = ["VerifyReport", "verify_store", "GCReport", "collect_garbage", "parse_size", "SizeLimiter",
