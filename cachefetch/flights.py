@@ -28,7 +28,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator, Union
 
 from .hashing import hash_bytes

@@ -35,6 +35,20 @@ class Origin(App):
         return super().__call__(environ, start_response)
 
 
+class SlowOrigin(Origin):
+    """An origin whose conditional requests wait on ``gate`` (``entered`` says one came)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def __call__(self, environ, start_response):
+        if "HTTP_IF_NONE_MATCH" in environ:
+            self.entered.set()
+            assert self.gate.wait(WAIT)
+        return super().__call__(environ, start_response)
+
+
 @pytest.fixture
 def now():
     return [T0]
@@ -181,16 +195,8 @@ def test_request_no_cache_revalidates_a_fresh_entry(make, now):
 
 
 def test_herd_on_a_stale_key_sends_one_conditional_request(make, now):
-    gate, entered = threading.Event(), threading.Event()
-
-    class SlowOrigin(Origin):
-        def __call__(self, environ, start_response):
-            if "HTTP_IF_NONE_MATCH" in environ:
-                entered.set()
-                assert gate.wait(WAIT)
-            return super().__call__(environ, start_response)
-
     app = SlowOrigin(headers=[("Cache-Control", "max-age=10")])
+    entered, gate = app.entered, app.gate
     mw = make(app)
     first = get(client(mw))
     settled(mw)
@@ -213,16 +219,8 @@ def test_herd_on_a_stale_key_sends_one_conditional_request(make, now):
 
 
 def test_stale_while_revalidate_answers_at_once_and_refreshes_once_in_the_background(make, now):
-    gate, entered = threading.Event(), threading.Event()
-
-    class SlowOrigin(Origin):
-        def __call__(self, environ, start_response):
-            if "HTTP_IF_NONE_MATCH" in environ:
-                entered.set()
-                assert gate.wait(WAIT)
-            return super().__call__(environ, start_response)
-
     app = SlowOrigin(headers=[("Cache-Control", "max-age=10, stale-while-revalidate=60")])
+    entered, gate = app.entered, app.gate
     mw = make(app)
     first = get(client(mw))
     settled(mw)

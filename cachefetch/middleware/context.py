@@ -12,7 +12,7 @@ from ..index import Entry, Index
 from ..policy import CacheRules, CacheStatus
 from ..store import CAFS
 from ..stream import Committer
-from ..wsgi import StartResponse, WSGIEnviron
+from ..wsgi import StartResponse, WSGIEnviron, close_quietly
 
 __all__ = ["Context", "AppResponse", "call_app", "Prepended", "close_quietly", "Retry", "respond",
            "passthrough", "without_conditionals"]
@@ -139,16 +139,6 @@ class Prepended:
         if close_rest is not None and self._rest is not self._owner:
             close_rest()
         close_quietly(self._owner)
-
-
-def close_quietly(obj: object) -> None:
-    """``obj.close()`` if it has one; errors are logged, not raised."""
-    close = getattr(obj, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:
-            log.exception("closing %r failed", obj)
 
 
 def respond(environ: WSGIEnviron, start_response: StartResponse, status: CacheStatus) -> StartResponse:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol
 
 from .directives import Directives, parse_cache_control
 from .freshness import FOREVER, CacheRules, allows_stale, response_directives
