@@ -34,7 +34,7 @@ from . import hit
 from .context import Context, Retry, WSGIApp, call_app, passthrough, respond, without_conditionals
 from .follower import follow_flight
 from .invalidation import call_unsafe
-from .keys import default_key
+from .keys import HostKey, default_key
 from .leader import LeaderRun
 from .revalidation import Revalidation, revalidate_in_background
 
@@ -90,6 +90,13 @@ class CacheFetch:
     :param stale_if_error: seconds past expiry during which a stale entry is
         served when the app raises or answers 5xx (a response's own
         ``stale-if-error`` overrides it); ``None`` never.
+    :param hosts: the host names this deployment answers to (like Django's
+        ``ALLOWED_HOSTS``); requests for others are not cached. ``None``: any
+        valid host (a ``Host`` that is not a plain host and port is never cached).
+    :param cookies: ``"respect"`` (default): a request carrying ``Cookie`` is
+        served from and stored in the cache only where the response is
+        ``public`` or varies on ``Cookie``; ``"ignore"`` for apps whose pages
+        never depend on cookies.
     :param fsync: passed to the CAFS when ``store`` is a path.
     :param clock: the wall clock (epoch seconds) freshness is judged by.
     :raises ValueError, TypeError: on an invalid option, at construction.
@@ -107,6 +114,8 @@ class CacheFetch:
                  max_object_size: int | None = None,
                  cache_statuses: Iterable[int] | None = None,
                  stale_if_error: float | None = None,
+                 hosts: Iterable[str] | None = None,
+                 cookies: str = "respect",
                  fsync: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
         if not callable(app):
@@ -131,6 +140,8 @@ class CacheFetch:
         if fields is None or not all(isinstance(f, str) and f.strip() and ":" not in f for f in fields):
             raise ValueError(f"targeted_fields must be field names, got {targeted_fields!r}")
         _check_amount("stale_if_error", stale_if_error, allow_none=True)
+        if cookies not in ("respect", "ignore"):
+            raise ValueError(f'cookies must be "respect" or "ignore", got {cookies!r}')
         if index is not None and not all(callable(getattr(index, m, None))
                                          for m in ("get", "put", "delete", "touch_many", "close")):
             raise TypeError(f"index must implement cachefetch.index.Index, not {type(index).__name__}")
@@ -147,8 +158,10 @@ class CacheFetch:
         self.rules = CacheRules(cache_statuses=None if statuses is None else frozenset(statuses),
                                 default_ttl=default_ttl, heuristic_max=float(heuristic_max),
                                 targeted_fields=tuple(f.strip().lower() for f in fields),
-                                stale_if_error=stale_if_error)
+                                stale_if_error=stale_if_error, cookies=cookies)
         self.key = key or default_key
+        if hosts is not None:
+            self.key = HostKey(hosts, self.key)
         self.wait_timeout = float(wait_timeout)
         self.uses = hit.UseRecorder(self.index, clock)
         self._ctx = Context(app, self.store, self.index, self.flights, self.committer, self.rules, self.key,

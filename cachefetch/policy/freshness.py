@@ -42,6 +42,11 @@ class CacheRules:
         cache obeys, in precedence order, lower case.
     :param stale_if_error: seconds past expiry a stale response may be served
         when the origin fails (RFC 5861's directive overrides it); ``None`` never.
+    :param cookies: ``"respect"``: a request with ``Cookie`` is served and
+        stored only where the response is ``public`` or varies on ``Cookie``;
+        ``"ignore"``: for apps whose pages never depend on cookies.
+    :param max_header_count: responses with more fields are not stored.
+    :param max_header_bytes: nor those whose fields take more bytes.
     """
 
     cache_statuses: frozenset[int] | None = None
@@ -50,6 +55,9 @@ class CacheRules:
     heuristic_fraction: float = 0.1
     targeted_fields: tuple[str, ...] = ("cdn-cache-control",)
     stale_if_error: float | None = None
+    cookies: str = "respect"
+    max_header_count: int = 100
+    max_header_bytes: int = 64 << 10
 
 
 @dataclass(frozen=True)

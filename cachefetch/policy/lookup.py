@@ -7,10 +7,10 @@ from typing import Any, Mapping, Protocol
 
 from .directives import Directives, parse_cache_control
 from .freshness import FOREVER, CacheRules, allows_stale, response_directives
-from .headers import has_validator
+from .headers import has_validator, vary_names
 from .status import CacheStatus
 
-__all__ = ["RequestFacts", "read_request", "Action", "RequestPlan", "plan_request", "StoredResponse",
+__all__ = ["cookie_matters", "RequestFacts", "read_request", "Action", "RequestPlan", "plan_request", "StoredResponse",
            "shareable", "stale_if_error_allows"]
 
 
@@ -34,12 +34,14 @@ class RequestFacts:
         ``no-cache`` when there is none, RFC 9111 §5.4).
     :param authorized: it carries ``Authorization``.
     :param has_body: it carries a body (Content-Length > 0 or Transfer-Encoding).
+    :param has_cookie: it carries ``Cookie``.
     """
 
     method: str = "GET"
     directives: Directives = Directives()
     authorized: bool = False
     has_body: bool = False
+    has_cookie: bool = False
 
     @property
     def no_cache(self) -> bool:
@@ -54,7 +56,7 @@ def read_request(environ: Mapping[str, Any]) -> RequestFacts:
     length = str(environ.get("CONTENT_LENGTH") or "").strip()
     has_body = bool(environ.get("HTTP_TRANSFER_ENCODING")) or (length not in ("", "0"))
     return RequestFacts(environ.get("REQUEST_METHOD", "GET"), parse_cache_control(cc),
-                        "HTTP_AUTHORIZATION" in environ, has_body)
+                        "HTTP_AUTHORIZATION" in environ, has_body, bool(environ.get("HTTP_COOKIE")))
 
 
 class Action(enum.Enum):
@@ -88,11 +90,22 @@ class RequestPlan:
 
 def shareable(entry: StoredResponse, request: RequestFacts, rules: CacheRules) -> bool:
     """Whether ``entry`` may answer this request: with ``Authorization`` only
-    if marked ``public``, ``s-maxage`` or ``must-revalidate`` (RFC 9111 §3.5)."""
-    if not request.authorized:
+    if marked ``public``, ``s-maxage`` or ``must-revalidate`` (RFC 9111 §3.5);
+    with ``Cookie`` (unless ``rules.cookies == "ignore"``) only if ``public``
+    or varying on ``Cookie``."""
+    if not (request.authorized or cookie_matters(request, rules)):
         return True
     cc, _ = response_directives(entry.headers, rules.targeted_fields)
-    return cc.public or "s-maxage" in cc or cc.must_revalidate
+    if request.authorized and not (cc.public or "s-maxage" in cc or cc.must_revalidate):
+        return False
+    return not cookie_matters(request, rules) or cc.public or "cookie" in vary_names(entry.headers)
+
+
+def cookie_matters(request: RequestFacts, rules: CacheRules) -> bool:
+    """Whether the request's ``Cookie`` keeps it from the shared cache unless
+    a response says otherwise: Varnish's rule, since a page may depend on a
+    cookie without saying so (``Vary: Cookie``)."""
+    return request.has_cookie and rules.cookies != "ignore"
 
 
 def _ttl(entry: StoredResponse, now: float) -> int | None:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from .freshness import FOREVER, HEURISTIC_STATUSES, CacheRules, Lifetime, corrected_initial_age, freshness_lifetime, response_directives
 from .headers import has_validator, header, stored_headers, vary_names, without_fields
-from .lookup import RequestFacts
+from .lookup import RequestFacts, cookie_matters
 
 __all__ = ["StorePlan", "plan_store", "content_length"]
 
@@ -70,7 +70,10 @@ def plan_store(status: int, headers: Sequence[tuple[str, str]], request: Request
     cacheable statuses, and any other with explicit freshness); ``Set-Cookie``; ``no-store`` (unless
     ``must-understand`` and the status is understood); unqualified
     ``private``; ``Vary: *``; for a request with ``Authorization``, a
-    response without ``public``, ``s-maxage`` or ``must-revalidate``; a
+    response without ``public``, ``s-maxage`` or ``must-revalidate``; for
+    one with ``Cookie``, a response neither ``public`` nor varying on
+    ``Cookie`` (unless ``rules.cookies == "ignore"``); more than
+    ``rules.max_header_count`` fields or ``max_header_bytes`` of them; a
     response already stale (or with no freshness information) that has no
     validator to revalidate it with; one announced larger than
     ``max_object_size``. Stored with ``no-cache``: it is revalidated before
@@ -103,6 +106,11 @@ def plan_store(status: int, headers: Sequence[tuple[str, str]], request: Request
         return _not("vary-star")
     if request.authorized and not (cc.public or "s-maxage" in cc or cc.must_revalidate):
         return _not("authorization")
+    if cookie_matters(request, rules) and not (cc.public or "cookie" in vary):
+        return _not("cookie")
+    if (len(headers) > rules.max_header_count
+            or sum(len(k) + len(v) + 4 for k, v in headers) > rules.max_header_bytes):
+        return _not("too-many-headers")
     if lifetime.seconds <= 0 and not has_validator(headers):
         return _not("already-stale" if lifetime.source != "none" else "no-freshness")
     length = content_length(headers)
