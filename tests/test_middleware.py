@@ -1027,9 +1027,9 @@ def test_follower_wait_timeout(make, monkeypatch, policy_, status):
 
 
 def _join_detached_fetches() -> None:
-    """Join the threads that finish a fetch whose client left."""
+    """Join the threads that fetch bodies (they run on whether or not a client reads)."""
     for t in threading.enumerate():
-        if t.name == "cachefetch-detached":
+        if t.name == "cachefetch-fill":
             t.join(WAIT)
             assert not t.is_alive()
 
@@ -1071,7 +1071,7 @@ def test_leader_client_hanging_up_still_completes_for_followers_and_cache(make, 
         gate.set()
         join_all(threads)
     _join_detached_fetches()
-    assert leader_out["first"] == chunks[0]
+    assert leader_out["first"] and b"".join(chunks).startswith(leader_out["first"])
     for r in followers:
         assert r.error is None and r.body == b"".join(chunks)
         assert r.headers["Cache-Status"] == COLLAPSED

@@ -14,7 +14,7 @@ from ..store import CAFS
 from ..stream import Committer
 from ..wsgi import StartResponse, WSGIEnviron, close_quietly
 
-__all__ = ["Context", "AppResponse", "call_app", "Prepended", "close_quietly", "Retry", "respond",
+__all__ = ["FetchBounds", "Context", "AppResponse", "call_app", "Prepended", "close_quietly", "Retry", "respond",
            "passthrough", "without_conditionals"]
 
 log = logging.getLogger("cachefetch.middleware")
@@ -24,6 +24,20 @@ WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 # The cache answers these itself; what it fetches must be the whole response.
 _CONDITIONAL = frozenset({"HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_MATCH",
                           "HTTP_IF_UNMODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE"})
+
+
+@dataclass(frozen=True)
+class FetchBounds:
+    """Bounds on every fetch, whether or not a client still reads it.
+
+    :param total: seconds a fetch may take in all; ``None``: no limit.
+    :param idle: seconds without a byte from the app/upstream.
+    :param detached: fetches no client reads any more that a process keeps going.
+    """
+
+    total: float | None = 3600.0
+    idle: float | None = 60.0
+    detached: int = 64
 
 
 @dataclass
@@ -45,6 +59,7 @@ class Context:
     on_wait_timeout: str
     max_object_size: int | None
     record_use: Callable[[Entry], None] = field(default=lambda entry: None)
+    bounds: FetchBounds = field(default_factory=FetchBounds)
 
 
 class Retry(Exception):

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator
+from typing import Iterable
 
 from .. import policy
 from ..flights import HeadRecord, Lead
 from ..index import Entry
 from ..policy import CacheStatus, Outcome, RequestFacts, StorePlan
 from ..store import Blob
-from ..stream import CacheAbandoned, StreamThroughOptions, StreamThroughResult, stream_through
+from ..fill import Fill, FillOptions
+from ..stream import CacheAbandoned, StreamThroughResult
 from ..wsgi import StartResponse, WSGIEnviron, plain_response
-from .context import AppResponse, Context, close_quietly, respond
+from .context import AppResponse, Context, respond
 from .hit import serve_stale
 
 __all__ = ["LeaderRun"]
@@ -19,18 +20,20 @@ __all__ = ["LeaderRun"]
 log = logging.getLogger("cachefetch.middleware")
 
 
-def _discard(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-    return lambda data: None
+# RFC 9110 §15.4.5: what a 304 carries of the full response.
+_VALIDATOR_FIELDS = frozenset({"etag", "last-modified", "date", "cache-control", "expires", "vary",
+                               "content-location"})
 
 
 class LeaderRun:
     """One fetch this request leads, from the app's answer to the index entry.
 
-    :meth:`run` runs on the request thread. :meth:`on_start`,
-    :meth:`on_abort` and :meth:`on_complete` run on whichever thread reads
-    the app's body (the request thread, or the detached thread that finishes
-    the fetch after the client left). :meth:`committed` runs on the commit
-    thread, and releases the flight: until then followers and new requests
+    :meth:`run` runs on the request thread and hands the app's body to a
+    :class:`~cachefetch.fill.Fill`, which reads it at the app's pace on its
+    own thread; this client then reads the growing file like any follower.
+    :meth:`on_start` runs on the request thread; :meth:`on_abort` and
+    :meth:`on_complete` on the fill's thread. :meth:`committed` runs on the
+    commit thread, and releases the flight: until then followers and new requests
     wait on it, so no one sees the body complete but the entry missing.
     """
 
@@ -59,38 +62,32 @@ class LeaderRun:
         sent = [(k, v) for k, v in plan.headers if k.lower() != "content-type"]
         if policy.header(response.headers, "Age") is not None:
             sent.append(("Age", str(int(plan.initial_age))))
-        opts = StreamThroughOptions(
-            content_type=policy.header(plan.headers, "Content-Type") or "application/octet-stream",
-            extra_headers=sent, content_length=plan.content_length, temp_dir=ctx.store.temp_dir,
-            temp_prefix=self.lead.temp_prefix, status=response.status, max_size=ctx.max_object_size,
-            finish_on_disconnect=True, on_start=self.on_start, on_abort=self.on_abort)
+        content_type = policy.header(plan.headers, "Content-Type") or "application/octet-stream"
+        fill = Fill(response.body, FillOptions(
+            temp_dir=ctx.store.temp_dir, temp_prefix=self.lead.temp_prefix, content_length=plan.content_length,
+            max_size=ctx.max_object_size, total_timeout=ctx.bounds.total, idle_timeout=ctx.bounds.idle,
+            max_detached=ctx.bounds.detached), self.on_start, self.on_complete, self.on_abort)
         client = respond(self.environ, start_response, self.status.with_(stored=True))
+        length = plan.content_length
         answer = policy.evaluate(self.environ, status=code, etag=policy.header(plan.headers, "ETag"),
                                  last_modified=policy.header(plan.headers, "Last-Modified"),
-                                 size=plan.content_length if plan.content_length >= 0 else None)
-        if answer.outcome is Outcome.FULL:
-            return stream_through(self.environ, client, response.body, opts, self.on_complete)
-        # The client wants less than the whole: the fetch still stores all of it.
-        tee = stream_through(self.environ, _discard, response.body, opts, self.on_complete)
-        if not hasattr(tee, "temp_path"):  # the app failed before its first byte
+                                 size=length if length >= 0 else None)
+        span = (answer.start, answer.stop) if answer.outcome is Outcome.PARTIAL else (0, None)
+        body = fill.start(*span)  # the fetch now runs at the upstream's pace, whoever reads
+        if answer.outcome in (Outcome.NOT_MODIFIED, Outcome.PRECONDITION_FAILED, Outcome.UNSATISFIABLE):
+            body.close()  # the client wants no body; the fetch goes on for the cache
+            return _bodiless(client, answer.outcome, plan.headers, length)
+        if not fill.wait_first():
+            body.close()
             return plain_response(client, "502 Bad Gateway", "the upstream failed before sending a byte")
-        validators = [(k, v) for k, v in plan.headers if k.lower() in ("etag", "last-modified", "date",
-                                                                        "cache-control", "expires", "vary")]
+        headers = [("Content-Type", content_type)] + sent
         if answer.outcome is Outcome.PARTIAL:
-            client("206 Partial Content", [
-                ("Content-Type", opts.content_type),
-                ("Content-Range", f"bytes {answer.start}-{answer.stop - 1}/{plan.content_length}"),
-                ("Content-Length", str(answer.stop - answer.start))] + [h for h in sent if h[0].lower() != "content-type"])
-            return _Slice(tee, answer.start, answer.stop)
-        close_quietly(tee)  # finishes the fetch on a detached thread
-        if answer.outcome is Outcome.NOT_MODIFIED:
-            client("304 Not Modified", validators)
-        elif answer.outcome is Outcome.PRECONDITION_FAILED:
-            client("412 Precondition Failed", [("Content-Length", "0")] + validators)
+            client("206 Partial Content", headers + [
+                ("Content-Range", f"bytes {answer.start}-{answer.stop - 1}/{length}"),
+                ("Content-Length", str(answer.stop - answer.start))])
         else:
-            client("416 Range Not Satisfiable", [("Content-Range", f"bytes */{plan.content_length}"),
-                                                 ("Content-Length", "0")] + validators)
-        return []
+            client(response.status, headers + ([("Content-Length", str(length))] if length >= 0 else []))
+        return body
 
     def _not_stored(self, response: AppResponse, why: str, start_response: StartResponse) -> Iterable[bytes]:
         self.lead.uncacheable(response.code)
@@ -142,22 +139,15 @@ class LeaderRun:
             self.lead.release()
 
 
-class _Slice:
-    """Bytes ``[start, stop)`` of the tee's stream; ``close()`` lets the tee
-    finish the fetch without a client."""
-
-    def __init__(self, tee: Iterable[bytes], start: int, stop: int) -> None:
-        self._tee, self._start, self._stop = tee, start, stop
-
-    def __iter__(self) -> Iterator[bytes]:
-        pos = 0
-        for chunk in self._tee:
-            end = pos + len(chunk)
-            if end > self._start:
-                yield chunk[max(0, self._start - pos):self._stop - pos]
-            pos = end
-            if pos >= self._stop:
-                return
-
-    def close(self) -> None:
-        close_quietly(self._tee)
+def _bodiless(client: StartResponse, outcome: Outcome, stored: Iterable[tuple[str, str]],
+              length: int) -> list[bytes]:
+    """A 304, 412 or 416 from the response being fetched."""
+    validators = [(k, v) for k, v in stored if k.lower() in _VALIDATOR_FIELDS]
+    if outcome is Outcome.NOT_MODIFIED:
+        client("304 Not Modified", validators)
+    elif outcome is Outcome.PRECONDITION_FAILED:
+        client("412 Precondition Failed", [("Content-Length", "0")] + validators)
+    else:
+        client("416 Range Not Satisfiable", [("Content-Range", f"bytes */{length}"), ("Content-Length", "0")]
+               + validators)
+    return []
