@@ -31,7 +31,7 @@ from ..store import CAFS
 from ..stream import Committer
 from ..wsgi import StartResponse, WSGIEnviron, plain_response
 from . import hit
-from .context import Context, Retry, WSGIApp, call_app, passthrough, respond, without_conditionals
+from .context import Context, FetchBounds, Retry, WSGIApp, call_app, passthrough, respond, without_conditionals
 from .follower import follow_flight
 from .invalidation import call_unsafe
 from .keys import HostKey, default_key
@@ -97,6 +97,11 @@ class CacheFetch:
         served from and stored in the cache only where the response is
         ``public`` or varies on ``Cookie``; ``"ignore"`` for apps whose pages
         never depend on cookies.
+    :param fetch_timeout: seconds a fetch may take in all, whoever reads it
+        (past it, nothing is stored and its clients are cut); ``None``: no limit.
+    :param idle_timeout: seconds a fetch may go without a byte from the app.
+    :param max_detached: fetches no client reads any more that one process
+        keeps going for the cache; past it, such a fetch is abandoned.
     :param fsync: passed to the CAFS when ``store`` is a path.
     :param clock: the wall clock (epoch seconds) freshness is judged by.
     :raises ValueError, TypeError: on an invalid option, at construction.
@@ -116,6 +121,9 @@ class CacheFetch:
                  stale_if_error: float | None = None,
                  hosts: Iterable[str] | None = None,
                  cookies: str = "respect",
+                 fetch_timeout: float | None = 3600.0,
+                 idle_timeout: float | None = 60.0,
+                 max_detached: int = 64,
                  fsync: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
         if not callable(app):
@@ -140,6 +148,11 @@ class CacheFetch:
         if fields is None or not all(isinstance(f, str) and f.strip() and ":" not in f for f in fields):
             raise ValueError(f"targeted_fields must be field names, got {targeted_fields!r}")
         _check_amount("stale_if_error", stale_if_error, allow_none=True)
+        for name, bound in (("fetch_timeout", fetch_timeout), ("idle_timeout", idle_timeout)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
+                raise ValueError(f"{name} must be seconds > 0 or None, got {bound!r}")
+        if isinstance(max_detached, bool) or not isinstance(max_detached, int) or max_detached < 0:
+            raise ValueError(f"max_detached must be an int >= 0, got {max_detached!r}")
         if cookies not in ("respect", "ignore"):
             raise ValueError(f'cookies must be "respect" or "ignore", got {cookies!r}')
         if index is not None and not all(callable(getattr(index, m, None))
@@ -165,7 +178,8 @@ class CacheFetch:
         self.wait_timeout = float(wait_timeout)
         self.uses = hit.UseRecorder(self.index, clock)
         self._ctx = Context(app, self.store, self.index, self.flights, self.committer, self.rules, self.key,
-                            clock, self.wait_timeout, on_wait_timeout, max_object_size, self.uses)
+                            clock, self.wait_timeout, on_wait_timeout, max_object_size, self.uses,
+                            FetchBounds(fetch_timeout, idle_timeout, max_detached))
         _instances.add(self)
 
     def close(self) -> None:
