@@ -178,12 +178,13 @@ def _child_exit(server: Any, worker: Any) -> None:
 
 # -- stats / verify / gc -----------------------------------------------------
 
-def _open(store_dir: str):
+def _open(store_dir: str, heal: bool = True):
+    """The store and its index; with ``heal``, a damaged index is moved aside and rebuilt."""
     from .index import SQLiteIndex
     from .store import CAFS
 
     store = CAFS(store_dir)
-    return store, SQLiteIndex(os.path.join(store.root, "index.sqlite3"))
+    return store, SQLiteIndex(store.layout.index_path, heal=heal)
 
 
 def _request_counts(store_dir: str) -> dict[str, float]:
@@ -206,7 +207,7 @@ def _request_counts(store_dir: str) -> dict[str, float]:
 def _stats(args: argparse.Namespace) -> int:
     from .maintenance import store_usage
 
-    store, index = _open(args.store)
+    store, index = _open(args.store, heal=False)  # stats only looks
     entries, entry_bytes = index.totals()
     blobs, blob_bytes = store_usage(store)
     counts = _request_counts(store.root)
@@ -234,7 +235,7 @@ def _human(n: int) -> str:
 def _verify(args: argparse.Namespace) -> int:
     from .maintenance import verify_store
 
-    store, index = _open(args.store)
+    store, index = _open(args.store, heal=args.repair)
     tty = sys.stderr.isatty()
 
     def progress(done: int, total: int, nbytes: int) -> None:

@@ -8,18 +8,24 @@ backends implement :class:`Index`.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 from .hashing import Hash
+from .logutil import warn_limited
 
-__all__ = ["Entry", "Index", "SQLiteIndex"]
+log = logging.getLogger("cachefetch.index")
+_T = TypeVar("_T")
+
+__all__ = ["Entry", "Index", "SQLiteIndex", "IndexUnavailable"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,34 @@ _MEMO_SLOTS = 4096
 _COLUMNS = "key, variant, hash, size, status, headers, stored_at, expires_at, vary, initial_age"
 
 
+def _healing(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run an index operation; a SQLite or OS failure becomes IndexUnavailable
+    (and the failed connection is dropped, so the next call reconnects)."""
+
+    @functools.wraps(method)
+    def healing(self: "SQLiteIndex", *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._failed(exc) from exc
+
+    return healing
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _is_damage(exc: BaseException) -> bool:
+    """Whether a SQLite error says the file is not a (sound) database."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text
+                                                       or "file is encrypted" in text)
+
+
 def _entry(row: tuple) -> Entry:
     key, variant, hexhash, size, status, headers, stored_at, expires_at, vary, initial_age = row
     return Entry(key, variant, Hash.from_hex(hexhash), size, status,
@@ -142,27 +176,59 @@ def _entry(row: tuple) -> Entry:
                  tuple(json.loads(vary)), initial_age)
 
 
-def _set_wal(db: sqlite3.Connection, timeout: float) -> None:
-    """Switch ``db`` to WAL mode. While another process creates the database
-    or switches it, SQLite can answer "database is locked" at once, without
-    waiting for the busy timeout: retry until ``timeout`` seconds have passed."""
+def _set_journal(db: sqlite3.Connection, timeout: float) -> None:
+    """Use a rollback journal (``TRUNCATE``), not WAL: WAL maps its ``-shm``
+    file into memory, and a store that turns read-only or vanishes under a
+    mapping kills the process with SIGBUS, which no handler survives. While
+    another process creates or converts the database SQLite can answer "locked"
+    at once: retry until ``timeout``, then go on in the mode the file has."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA journal_mode=TRUNCATE")
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() >= deadline:
+            if "locked" not in str(exc):
                 raise
+            if time.monotonic() >= deadline:
+                log.warning("could not switch %s to a rollback journal (in use): %s", db, exc)
+                return
             time.sleep(0.01)
 
 
+class IndexUnavailable(Exception):
+    """The index cannot be read or written now (its store vanished, turned
+    read-only, or the database is damaged). The caller answers uncached; the
+    next call reconnects, so caching resumes when the store comes back."""
+
+
+def _quarantine(path: str) -> str | None:
+    """Move a damaged database (and its journal) aside; returns the new name."""
+    aside = f"{path}.damaged-{int(time.time())}"
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return None
+    for suffix in ("-journal", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+    return aside
+
+
 class SQLiteIndex:
-    """An :class:`Index` in one SQLite database in WAL mode.
+    """An :class:`Index` in one SQLite database (rollback journal, see
+    :func:`_set_journal`).
 
     Each thread of each process gets its own connection (SQLite connections
-    must not cross threads or a ``fork``), and WAL lets readers run while one
-    writer commits.
+    must not cross threads or a ``fork``). The index heals: a connection that
+    fails is dropped and reopened on the next call; once a second each
+    connection checks that the database file is still the one it opened (a
+    store directory deleted and recreated gets a new, empty index); a database
+    that is not one (damaged) is moved aside to ``<path>.damaged-<time>`` and
+    rebuilt empty, at start and whenever an operation finds it so. Failures
+    reach callers as :class:`IndexUnavailable`.
 
     ``get`` answers hot keys from a per-process memo, which is dropped
     whenever any process changes the index: every ``put`` and ``delete``
@@ -170,12 +236,16 @@ class SQLiteIndex:
     (``<path>.gen``), and ``get`` compares it (one ``pread``) before using
     the memo. An invalidation is so seen by every worker's next request.
 
-    :param path: the database file; its directory must exist.
+    :param path: the database file; its directory must exist (later, it is
+        recreated if it vanishes).
     :param busy_timeout: seconds to wait for another writer's lock.
+    :param heal: move a damaged database aside and rebuild it (``False``, for
+        tools that only look, raises instead).
+    :raises FileNotFoundError: if the directory does not exist.
     :raises sqlite3.Error: if the database cannot be opened or created.
     """
 
-    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = 10.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = 10.0, *, heal: bool = True) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"index path must be a path, not {type(path).__name__}")
         if busy_timeout < 0:
@@ -183,9 +253,17 @@ class SQLiteIndex:
         self.path = os.fspath(path)
         self._busy_timeout = busy_timeout
         self._local = threading.local()
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
         self.generation_path = self.path + ".gen"
+        if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
+            raise FileNotFoundError(f"the index's directory does not exist: {self.path}")
+        self._heal = heal
+        try:
+            self._connect()
+        except sqlite3.DatabaseError as exc:
+            if not (heal and _is_damage(exc)):
+                raise
+            self._rebuild(exc)
+            self._connect()
         # key -> entries, valid while the generation file reads _memo_generation.
         self._memo: dict[str, list[Entry]] = {}
         self._memo_generation = b""
@@ -195,21 +273,70 @@ class SQLiteIndex:
 
     def _connect(self) -> sqlite3.Connection:
         local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
-                                 check_same_thread=True)
-            _set_wal(db, self._busy_timeout)
+        if getattr(local, "pid", None) == os.getpid() and not self._replaced(local):
+            return local.db
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
+                             check_same_thread=True)
+        try:
+            _set_journal(db, self._busy_timeout)
             db.execute("PRAGMA synchronous=NORMAL")
-            local.db, local.pid = db, os.getpid()
-        return local.db
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        local.db, local.pid = db, os.getpid()
+        local.ino, local.checked = _inode(self.path), time.monotonic()
+        return db
+
+    def _replaced(self, local: threading.local) -> bool:
+        """Once a second: whether the file was removed or replaced since this
+        thread opened it (then its connection and generation file are dropped)."""
+        now = time.monotonic()
+        if now - local.checked < 1.0:
+            return False
+        local.checked = now
+        if _inode(self.path) == local.ino:
+            return False
+        log.warning("the index %s was removed or replaced; reopening it", self.path)
+        self._drop(local)
+        return True
+
+    def _drop(self, local: threading.local) -> None:
+        """Forget this thread's connection and generation file (after a failure)."""
+        db, local.db, local.pid = getattr(local, "db", None), None, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+        if getattr(local, "gen_pid", None) == os.getpid():
+            os.close(local.gen_fd)
+        local.gen_pid = None
+        self._memo = {}
+
+    def _rebuild(self, exc: BaseException) -> None:
+        aside = _quarantine(self.path)
+        log.error("the index %s is damaged (%s): moved aside to %s and rebuilt empty; "
+                  "its blobs stay for gc", self.path, exc, aside)
+
+    def _failed(self, exc: BaseException) -> IndexUnavailable:
+        """Turn a failure into IndexUnavailable, dropping what failed so the next call heals."""
+        self._drop(self._local)
+        if self._heal and isinstance(exc, sqlite3.DatabaseError) and _is_damage(exc):
+            self._rebuild(exc)
+        warn_limited(log, "index", "the index %s is unavailable: %s", self.path, exc)
+        return IndexUnavailable(f"{self.path}: {exc}")
 
     def _generation_fd(self) -> int:
         local = self._local
         if getattr(local, "gen_pid", None) != os.getpid():  # like connections: per thread, per process
+            self._connect()  # the database first: it recreates the directory if it went
             local.gen_fd = os.open(self.generation_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             local.gen_pid = os.getpid()
         return local.gen_fd
 
+    @_healing
     def generation(self) -> bytes:
         """A token that changes whenever any process changes the index."""
         return os.pread(self._generation_fd(), _GENERATION_SIZE, 0)
@@ -219,6 +346,7 @@ class SQLiteIndex:
         self._memo = {}
         os.pwrite(self._generation_fd(), secrets.token_bytes(_GENERATION_SIZE), 0)
 
+    @_healing
     def get(self, key: str) -> list[Entry]:
         """Every stored variant for ``key``, as of every change already made."""
         generation = self.generation()
@@ -236,6 +364,7 @@ class SQLiteIndex:
             memo[key] = entries
         return entries
 
+    @_healing
     def put(self, entry: Entry) -> None:
         """Store ``entry``, replacing the one with the same key and variant."""
         if not isinstance(entry, Entry):
@@ -247,6 +376,7 @@ class SQLiteIndex:
              json.dumps(entry.vary), entry.initial_age, time.time()))
         self._changed()
 
+    @_healing
     def delete(self, key: str, variant: str | None = None) -> int:
         """Remove one variant, or all of ``key``'s; returns how many rows went."""
         db = self._connect()
@@ -257,22 +387,26 @@ class SQLiteIndex:
         self._changed()
         return gone
 
+    @_healing
     def delete_hash(self, h: Hash) -> int:
         """Remove every entry that points at blob ``h``; returns how many."""
         gone = self._connect().execute("DELETE FROM entries WHERE hash = ?", (h.hex,)).rowcount
         self._changed()
         return gone
 
+    @_healing
     def touch(self, key: str, variant: str, when: float | None = None) -> None:
         """Record a use of an entry."""
         self._connect().execute("UPDATE entries SET last_used = ? WHERE key = ? AND variant = ?",
                                 (time.time() if when is None else when, key, variant))
 
+    @_healing
     def __iter__(self) -> Iterator[Entry]:
         """Every entry, as a snapshot."""
         rows = self._connect().execute(f"SELECT {_COLUMNS} FROM entries").fetchall()
         return iter([_entry(r) for r in rows])
 
+    @_healing
     def totals(self) -> tuple[int, int]:
         """``(entries, bytes of the distinct blobs they point at)``."""
         db = self._connect()
@@ -280,6 +414,7 @@ class SQLiteIndex:
         size = db.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT hash, size FROM entries)").fetchone()[0]
         return entries, size
 
+    @_healing
     def least_recently_used(self, limit: int = 1000, used_before: float | None = None,
                             offset: int = 0) -> list[Entry]:
         """Up to ``limit`` entries, least recently used first (only those last
@@ -290,15 +425,18 @@ class SQLiteIndex:
             (float("inf") if used_before is None else used_before, limit, offset)).fetchall()
         return [_entry(r) for r in rows]
 
+    @_healing
     def touch_many(self, uses: dict[tuple[str, str], float]) -> None:
         """Record many uses at once: ``{(key, variant): when}``."""
         self._connect().executemany("UPDATE entries SET last_used = ? WHERE key = ? AND variant = ?",
                                     [(when, key, variant) for (key, variant), when in uses.items()])
 
+    @_healing
     def referenced(self, h: Hash) -> bool:
         """Whether any entry points at blob ``h``."""
         return self._connect().execute("SELECT 1 FROM entries WHERE hash = ? LIMIT 1", (h.hex,)).fetchone() is not None
 
+    @_healing
     def __len__(self) -> int:
         return self._connect().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 

@@ -473,8 +473,22 @@ def test_stats_on_a_store_with_a_broken_index_exits_2(tmp_path):
     root = tmp_path / "store"
     CAFS(root)
     (root / "index.sqlite3").write_bytes(b"this is not an SQLite database" * 100)
-    for command in (("stats",), ("verify",), ("gc", "--max-size", "1G"),
-                    ("serve", "--upstream", "http://127.0.0.1:9", "--bind", f"127.0.0.1:{free_port()}")):
+    for command in (("stats",), ("verify",)):  # the commands that only look do not repair
         result = run_cli(*command, "--store", str(root), timeout=30)
         assert_one_line_error(result)
         assert "index" in result.stderr
+
+
+@pytest.mark.parametrize("command", [("verify", "--repair"), ("gc", "--max-size", "1G")])
+def test_repairing_commands_move_a_damaged_index_aside_and_rebuild_it(tmp_path, command):
+    root = tmp_path / "store"
+    store = CAFS(root)
+    kept = store.put(b"a blob the damaged index pointed at")
+    (root / "index.sqlite3").write_bytes(b"this is not an SQLite database" * 100)
+    result = run_cli(*command, "--store", str(root), timeout=30)
+    assert result.returncode in (0, 1), result.stderr
+    assert result.stderr.count("is damaged") == 1  # logged once
+    aside = [p for p in os.listdir(root) if p.startswith("index.sqlite3.damaged-")]
+    assert len(aside) == 1
+    assert SQLiteIndex(root / "index.sqlite3", heal=False).totals()[0] == 0  # a sound, empty index
+    assert command[0] == "gc" or store.exists(kept.hash)  # blobs kept for gc
