@@ -16,7 +16,7 @@ from .dates import parse_http_date
 __all__ = ["Outcome", "Answer", "evaluate", "parse_etags", "weak_match", "strong_match", "byte_range"]
 
 _ETAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
-_RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+_RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)  # units are case-insensitive (RFC 9110 §14.1)
 
 
 class Outcome(enum.Enum):

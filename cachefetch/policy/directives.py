@@ -5,7 +5,8 @@ names case-sensitively (``No-Cache`` is not ``no-cache``), keeps whatever
 follows ``max-age=`` and has no notion of conflicting duplicates. Here names
 are case-insensitive, ``delta-seconds`` is digits only (overflow saturates at
 2**31, RFC 9111 §1.2.2), and a directive repeated with different arguments is
-recorded as a conflict, which freshness reads as "stale" (§4.2.1).
+recorded as a conflict, which freshness reads as "stale" (§4.2.1); so is
+one whose argument cannot be read (kept with the argument ``""``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DIRECTIVE = re.compile(
     r"\s*(?P<name>[!#$%&'*+\-.^_`|~0-9A-Za-z]+)\s*(?:=\s*(?:(?P<token>[!#$%&'*+\-.^_`|~0-9A-Za-z]+)"
     r"|\"(?P<quoted>(?:[^\"\\]|\\.)*)\"))?\s*(?:,|$)")
+_BROKEN = re.compile(rf"\s*(?P<name>{_TOKEN.pattern})\s*(?P<eq>=)?")
 _DIGITS = re.compile(r"[0-9]+")
 _FIELD_LIST = re.compile(r"\s*,\s*")
 
@@ -31,7 +33,8 @@ _FIELD_LIST = re.compile(r"\s*,\s*")
 @dataclass(frozen=True)
 class Directives:
     """One message's cache directives: each name (lower case) with its
-    argument (``None`` when it has none), first occurrence kept.
+    argument (``None`` when it has none, ``""`` when it could not be read),
+    first occurrence kept.
 
     :param conflicts: names that appeared again with a different argument.
     :param malformed: whether some part of the field could not be parsed
@@ -150,20 +153,28 @@ def parse_cache_control(values: str | Iterable[str] | None) -> Directives:
             pos += 1
             continue
         m = _DIRECTIVE.match(text, pos)
-        if m is None:  # skip to the next comma outside quotes
+        if m is None:
+            # A directive whose argument cannot be read is kept with an
+            # invalid one: ``max-age=`` then means stale (§4.2.1) rather than
+            # absent (which would let Expires or a heuristic apply), and
+            # ``private=<junk>`` means unqualified private.
             malformed = True
-            pos = _next_comma(text, pos)
-            continue
-        name = m.group("name").lower()
-        arg = m.group("token")
-        if arg is None and m.group("quoted") is not None:
-            arg = re.sub(r"\\(.)", r"\1", m.group("quoted"))
+            bad = _BROKEN.match(text, pos)
+            end = _next_comma(text, pos)
+            if bad is None:
+                pos = end
+                continue
+            name, arg = bad.group("name").lower(), "" if bad.group("eq") else None
+        else:
+            name, arg, end = m.group("name").lower(), m.group("token"), m.end()
+            if arg is None and m.group("quoted") is not None:
+                arg = re.sub(r"\\(.)", r"\1", m.group("quoted"))
         if name in found:
             if found[name] != arg:
                 conflicts.add(name)
         else:
             found[name] = arg
-        pos = m.end()
+        pos = end
     return Directives(found, frozenset(conflicts), malformed)
 
 

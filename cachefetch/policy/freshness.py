@@ -31,7 +31,7 @@ class CacheRules:
 
     :param cache_statuses: final statuses that may be stored; ``None`` for
         the RFC's: the heuristically cacheable ones, and any other final status
-        with explicit freshness (206 is never stored).
+        with explicit freshness (206 and 304 are never stored).
     :param default_ttl: freshness of a response that states none: ``None``
         follows the RFC (heuristic from Last-Modified, else revalidate every
         time if it has a validator, else not stored); seconds; or

@@ -11,8 +11,11 @@ from .lookup import RequestFacts, cookie_matters
 
 __all__ = ["StorePlan", "plan_store", "content_length"]
 
+# Not complete responses: a 206 is part of one, a 304 only updates stored ones
+# (RFC 9111 §4.3.4) and has no content (RFC 9110 §15.4.5) to replay.
+_NEVER_STORED = frozenset({206, 304})
 # The statuses whose semantics this cache implements (RFC 9110 §15), for must-understand.
-_UNDERSTOOD = frozenset(s.value for s in HTTPStatus if 200 <= s.value <= 599 and s.value != 206)
+_UNDERSTOOD = frozenset(s.value for s in HTTPStatus if 200 <= s.value <= 599) - _NEVER_STORED
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def plan_store(status: int, headers: Sequence[tuple[str, str]], request: Request
     """Decide whether a shared cache stores this response, and with what.
 
     Not stored: a request other than GET or with a body; a status outside
-    ``rules.cache_statuses`` (206 never; by default, the heuristically
+    ``rules.cache_statuses`` (206 and 304 never; by default, the heuristically
     cacheable statuses, and any other with explicit freshness); ``Set-Cookie``; ``no-store`` (unless
     ``must-understand`` and the status is understood); unqualified
     ``private``; ``Vary: *``; for a request with ``Authorization``, a
@@ -84,7 +87,7 @@ def plan_store(status: int, headers: Sequence[tuple[str, str]], request: Request
         return _not("method")
     if request.has_body:
         return _not("request-body")
-    if status == 206 or not 200 <= status <= 599:
+    if status in _NEVER_STORED or not 200 <= status <= 599:
         return _not(f"status-{status}")
     lifetime = freshness_lifetime(status, headers, rules, response_time)
     if rules.cache_statuses is not None:
