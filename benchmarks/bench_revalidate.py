@@ -66,8 +66,8 @@ sys.path.insert(0, HERE)
 import blake3  # noqa: E402  (a cachefetch dependency: checks the bodies)
 
 import report  # noqa: E402
-from bench_proxy import (THREADS, WORKERS, CachefetchServe, Nginx, Proc, Section, cache_header,  # noqa: E402
-                         children, clean_env, machine_busy, nginx_version, wait_port)
+from bench_proxy import (THREADS, WORKERS, CachefetchServe, Nginx, Proc, PythonOrigin, Section,  # noqa: E402
+                         cache_header, children, clean_env, machine_busy, nginx_version, wait_port)
 from report import HOST, Bar, all_at_once, cachefetch_revision, fetch, free_port, log  # noqa: E402
 
 MiB = 1 << 20
@@ -163,12 +163,11 @@ class Upstream:
     in_flight: int
 
 
-class Origin:
+class Origin(PythonOrigin):
     """The revalidating origin in a forked process; it logs every request it starts and ends."""
 
-    name = "Python origin"
-
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str) -> None:  # not super().__init__(): that starts bench_proxy's origin
+        self.name = "Python origin (revalidating)"
         self.port = free_port()
         self.record = os.path.join(workdir, "origin-requests.txt")
         open(self.record, "w").close()
@@ -182,6 +181,7 @@ class Origin:
         wait_port(self.port, self.proc.is_alive, self.name)
 
     def seen(self, path: str) -> Upstream:
+        """What the origin was asked for ``path`` so far, and what it sent."""
         starts = ends = conditional = not_modified = sent = 0
         with open(self.record) as f:
             for line in f:
@@ -196,14 +196,6 @@ class Origin:
                     sent += int(fields[3])
                     conditional += fields[4] == "1"
         return Upstream(ends, conditional, not_modified, sent, starts - ends)
-
-    def stop(self) -> None:
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(10)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join()
 
 
 # -- cachefetch under gunicorn, around a forwarder that revalidates -------------------------

@@ -69,9 +69,14 @@ def app_calls(env: dict[str, str], path: str | None = None) -> list[AppCall]:
     return [r for r in records if path is None or r.path == path]
 
 
+def gate_path(env: dict[str, str], name: str) -> str:
+    """The gate file ``name``: a gated call waits until it exists."""
+    return os.path.join(env["CF_TEST_GATES"], name)
+
+
 def done_marker(env: dict[str, str], name: str) -> str:
     """The file a trickled body's app writes once it has sent its last byte."""
-    return os.path.join(env["CF_TEST_GATES"], f"done-{name}")
+    return gate_path(env, f"done-{name}")
 
 
 def _record(environ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import blake3
@@ -13,7 +14,7 @@ import pytest
 
 from harness import curl, fetch, gunicorn, wait_until
 from herd_app import body_for
-from rfc_app import LAST_MODIFIED, STALE_SIZE, app_calls, done_marker, etag_for, make_env
+from rfc_app import LAST_MODIFIED, STALE_SIZE, app_calls, done_marker, etag_for, gate_path, make_env
 
 from cachefetch.hashing import Hash
 from cachefetch.layout import StoreLayout
@@ -24,14 +25,7 @@ THREADS = 16
 APP = "rfc_wsgi:application"
 
 
-@pytest.fixture
-def env(tmp_path):
-    return make_env(tmp_path)
-
-
-def open_gate(env, name):
-    with open(os.path.join(env["CF_TEST_GATES"], name), "w"):
-        pass
+env = pytest.fixture(lambda tmp_path: make_env(tmp_path), name="env")
 
 
 def herd(port, path, n=HERD):
@@ -95,6 +89,7 @@ def test_stale_herd_sends_one_conditional_request_and_keeps_the_blob(env, tmp_pa
         before = blob_files(env)
         results = herd(server.port, url)
         kinds = statuses(results)
+        print(kinds)
         calls = app_calls(env, path)
         assert len(calls) == 2, (calls, kinds, server.log())
         assert not calls[0].conditional
@@ -133,13 +128,13 @@ def test_stale_while_revalidate_herd_never_waits_on_the_app(env, tmp_path):
             for r in results:
                 assert r.status == 200 and r.complete and r.body == expected, (r.status, r.headers)
                 assert "hit" in r.headers["Cache-Status"] and "stale-while-revalidate" in r.headers["Cache-Status"], kinds
-            assert not os.path.exists(os.path.join(env["CF_TEST_GATES"], "swr"))
+            assert not os.path.exists(gate_path(env, "swr"))
             background = wait_until(lambda: [c for c in app_calls(env, path) if c.conditional],
                                     what="the background revalidation to reach the app")
             assert background[0].if_none_match == etag_for(path)
             assert background[0].if_modified_since == LAST_MODIFIED
         finally:
-            open_gate(env, "swr")
+            open(gate_path(env, "swr"), "w").close()
         refreshed = wait_until(lambda: (r := fetch(server.port, url)).headers["Cache-Status"].startswith(
             "cachefetch; hit; ttl=3") and r, what="the 304 to refresh the entry (max-age=3600)")
         assert refreshed.body == expected
@@ -223,8 +218,10 @@ def test_cold_range_request_is_answered_before_the_body_arrives_and_stores_it_wh
     expected = body_for(path, size)
     part = tmp_path / "part"
     with gunicorn(APP, tmp_path, env=env, threads=THREADS) as server:
+        t0 = time.monotonic()
         got = curl("-r", "1000000-1000099", "-D", "-", "-o", str(part), server.url + url)
         finished_before_curl = os.path.exists(done_marker(env, name))
+        took = time.monotonic() - t0
         assert got.returncode == 0, got.stderr
         head = got.stdout.decode("latin-1").lower()
         assert head.startswith("http/1.1 206"), head
@@ -232,6 +229,8 @@ def test_cold_range_request_is_answered_before_the_body_arrives_and_stores_it_wh
         assert part.read_bytes() == expected[1000000:1000100]
         assert not finished_before_curl, "the app had sent its whole body before curl had its 100 bytes"
         wait_until(lambda: os.path.exists(done_marker(env, name)), what="the app to send its whole body")
+        print(f"curl had its 100 bytes after {took:.3f} s; the app sent the whole body "
+              f"{time.monotonic() - t0:.3f} s after curl started")
         whole = wait_until(lambda: (r := fetch(server.port, url)).headers["Cache-Status"].startswith("cachefetch; hit")
                            and r, what="the whole body to be stored")
         assert whole.status == 200 and whole.complete and whole.body == expected
