@@ -370,8 +370,9 @@ def response_headers(upstream: Iterable[tuple[str, str]], route: Route) -> list[
 
     Dropped: hop-by-hop ones and those the upstream's Connection names;
     ``Set-Cookie`` on a route the protocol vouches is the same for all;
-    ``Accept-Encoding`` in Vary (the proxy fetches ``identity``) and the
-    fields whose representation the route's ``variant`` already names.
+    ``Accept-Encoding`` in Vary (the proxy fetches ``identity``), the
+    fields whose representation the route's ``variant`` already names, and
+    (on a route that forwards only some headers) those it did not send.
     The route's own headers replace the upstream's of the same name, and
     ``Via`` gains this proxy.
     """
@@ -382,6 +383,8 @@ def response_headers(upstream: Iterable[tuple[str, str]], route: Route) -> list[
     out = [(k, v) for k, v in upstream if k.lower() not in dropped and k.lower() not in ("vary", "via")]
     vary = [n for n in policy.vary_names(upstream) if n != "accept-encoding" and n not in
             {v.lower() for v in route.vary}]
+    if route.forward is not ALL_HEADERS:  # the upstream saw none of the others: its answer cannot vary on them
+        vary = [n for n in vary if n == "*" or n in {f.lower() for f in route.forward}]
     if vary:
         out.append(("Vary", ", ".join(vary)))
     via = policy.header(upstream, "Via")
