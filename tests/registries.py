@@ -184,7 +184,7 @@ def client_env(home) -> dict:
                UV_CACHE_DIR=os.path.join(home, "uv-cache"), NO_PROXY="*",
                NPM_CONFIG_USERCONFIG=os.path.join(home, ".npmrc"),
                NPM_CONFIG_GLOBALCONFIG=os.path.join(home, "npmrc-global"),
-               NPM_CONFIG_CACHE=os.path.join(home, "npm-cache"))
+               NPM_CONFIG_CACHE=os.path.join(home, "npm-cache"), NPM_CONFIG_UPDATE_NOTIFIER="false")
     return env
 
 
