@@ -7,6 +7,8 @@ exceptions into three of its own that a proxy can map to status codes.
 """
 from __future__ import annotations
 
+import email.parser
+import http.client
 import logging
 import time
 from dataclasses import dataclass
@@ -118,6 +120,26 @@ class UpstreamResponse:
 
     def close(self) -> None:
         self.raw.close()
+
+
+def _parse_headers(fp: Any, _class: type = http.client.HTTPMessage) -> http.client.HTTPMessage:
+    """http.client's header parser, but a bare CR or a NUL inside a header
+    line becomes a space first: the email parser under it would take a bare
+    CR as a line end, so ``X: a<CR>Injected: yes`` would become two headers
+    (RFC 9112 §5.5 lets a recipient replace them with SP)."""
+    lines = http.client._read_headers(fp)  # type: ignore[attr-defined]
+    cleaned = []
+    for line in lines:
+        text = line.rstrip(b"\r\n")
+        cleaned.append(text.replace(b"\r", b" ").replace(b"\x00", b" ") + b"\r\n")
+    return email.parser.Parser(_class=_class).parsestr(b"".join(cleaned).decode("iso-8859-1"))
+
+
+# The stdlib has no hook for this: its module-level parser is what every
+# HTTPResponse (so requests and urllib3) calls. Installed only where the
+# private helper it builds on exists.
+if hasattr(http.client, "_read_headers"):
+    http.client.parse_headers = _parse_headers  # type: ignore[assignment]
 
 
 def reason(exc: BaseException) -> str:
