@@ -42,6 +42,9 @@ log = logging.getLogger("cachefetch.proxy")
 _NOT_FORWARDED = frozenset({"host", "accept-encoding", "via", "x-forwarded-for", "x-forwarded-proto",
                             "x-forwarded-host", "expect"})
 _VIA = "1.1 cachefetch"
+_MAX_BODY = 1 << 62
+# RFC 9111 alone (no deployment default): does an answer state its own freshness?
+_NO_DEFAULTS = policy.CacheRules()
 _DOCUMENT_LIMIT = 64 << 20
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
@@ -134,8 +137,12 @@ class Forwarder:
             send["If-None-Match"] = unwrap_etags(send["If-None-Match"])
         upstream_method = "GET" if document else method
         try:
+            body = request_body(environ)
+        except RouteError as exc:
+            return local_error(start_response, protocol, exc.status, str(exc))
+        try:
             resp = self.upstream.get(route.url, send, method=upstream_method, decode=route.rewrite is not None,
-                                     body=request_body(environ))
+                                     body=body)
             if route.digest is not None:
                 resp = self._follow_redirects(resp, protocol, route.url, send, upstream_method)
         except UpstreamTimeout as exc:
@@ -279,10 +286,8 @@ def with_freshness(headers: list[tuple[str, str]], cache_control: str | None,
     (``replace``), or only where the upstream states no freshness."""
     if cache_control is None:
         return headers
-    if not replace:
-        cc = policy.response_directives(headers)
-        if cc.max_age is not None or cc.s_maxage is not None or policy.header(headers, "Expires") is not None:
-            return headers
+    if not replace and policy.freshness_lifetime(404, headers, _NO_DEFAULTS, time.time()).explicit:
+        return headers
     kept = [(k, v) for k, v in headers if k.lower() not in ("cache-control", "expires", "pragma")]
     return kept + [("Cache-Control", cache_control)]
 
@@ -353,12 +358,17 @@ def _chunked_input(stream: Any) -> Iterator[bytes]:
 
 
 def request_body(environ: WSGIEnviron) -> Any:
-    """The request body to stream upstream, or ``None`` for none."""
+    """The request body to stream upstream, or ``None`` for none.
+
+    :raises RouteError: (400) for a Content-Length no body could have.
+    """
     length = environ.get("CONTENT_LENGTH", "")
     stream = environ.get("wsgi.input")
     if stream is None:
         return None
     if length and length.strip().isdigit():
+        if int(length) > _MAX_BODY:
+            raise RouteError(400, "the request's Content-Length is out of range")
         return _InputBody(stream, int(length)) if int(length) > 0 else None
     if environ.get("wsgi.input_terminated") and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return _chunked_input(stream)

@@ -9,8 +9,6 @@ import socket
 import subprocess
 import threading
 
-import pytest
-
 from harness import cachefetch_serve, fetch, free_port
 from origin import Origin, Resource
 from registries import tool
@@ -129,8 +127,6 @@ def test_local_failures_are_one_line_reasons_without_a_traceback(tmp_path):
         assert r.body == f"the upstream is unreachable: http://127.0.0.1:{port}: connection refused\n".encode()
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 7: a Range request that misses gets its 206 from the growing "
-                                       "body (today every connection gets the whole 200)")
 def test_aria2c_with_8_connections_on_a_cold_300_mib_file_costs_one_upstream_fetch(tmp_path):
     aria2c = tool("aria2c")
     data = os.urandom(1 << 20) * 300
