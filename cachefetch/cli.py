@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the pull-through caching proxy")
-    serve.add_argument("--upstream", required=True, help="origin base URL, e.g. https://pypi.org")
-    serve.add_argument("--protocol", choices=("generic", "pypi", "oci"), default="generic")
+    serve.add_argument("--upstream", default=None, help="origin base URL, e.g. https://pypi.org")
+    serve.add_argument("--protocol", choices=("generic", "pypi", "npm", "oci"), default="generic")
     serve.add_argument("--store", default=default_store_dir(), help="store directory (default: %(default)s)")
     serve.add_argument("--bind", type=_bind, default="127.0.0.1:8080", help="HOST:PORT (default: %(default)s)")
     serve.add_argument("--workers", type=_positive_int, default=2)
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--access-log", default=None, metavar="FILE",
                        help="write an access log line per request to FILE ('-' for stderr); off by default")
+
+    _add_route_flags(serve)
 
     for name, text in (("stats", "show what the store holds and how it was used"),
                        ("verify", "re-hash every blob and check the index"),
@@ -116,6 +118,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- serve -------------------------------------------------------------------
 
+def _default_ttl(text: str) -> float | str | None:
+    if text == "forever":
+        return text
+    if text == "rfc":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SECONDS or 'forever', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
+def _add_route_flags(serve: argparse.ArgumentParser) -> None:
+    """serve's flags for what is proxied and how (routes, methods, freshness)."""
+    serve.add_argument("--config", default=None, metavar="FILE",
+                       help="TOML file of [[route]] prefix/protocol/upstream entries (instead of --upstream)")
+    serve.add_argument("--read-only", action="store_true", help="refuse every method but GET and HEAD (405)")
+    serve.add_argument("--default-ttl", type=_default_ttl, default="forever", metavar="SECONDS|forever|rfc",
+                       help="freshness of an answer that states none; rfc: RFC 9111 heuristics and "
+                            "revalidation (default: %(default)s)")
+    serve.add_argument("--packument-ttl", type=float, default=300, help="(npm) seconds a packument is fresh")
+
+
+def _route_options(args: argparse.Namespace) -> dict[str, Any]:
+    """create_app's keyword arguments for serve's route flags.
+
+    :raises ValueError: for --config with --upstream, neither, or a bad file.
+    """
+    if (args.config is None) == (args.upstream is None):
+        raise ValueError("give --upstream URL or --config FILE (one of them)")
+    options: dict[str, Any] = dict(read_only=args.read_only, default_ttl=args.default_ttl,
+                                   packument_ttl=args.packument_ttl)
+    if args.config is not None:
+        from .config import load_config
+
+        options["routes"] = load_config(args.config)
+    return options
+
 def _serve(args: argparse.Namespace) -> int:
     store_dir = os.path.abspath(args.store)
     metrics_dir = os.path.join(store_dir, "metrics")
@@ -128,7 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = dict(files_upstreams=args.files_upstream, index_ttl=args.index_ttl, tag_ttl=args.tag_ttl,
                    negative_ttl=args.negative_ttl, threads=args.threads,
-                   connect_timeout=args.connect_timeout, read_timeout=args.read_timeout)
+                   connect_timeout=args.connect_timeout, read_timeout=args.read_timeout, **_route_options(args))
     # Build one app now, in the arbiter, so bad options fail before any worker starts.
     create_app(args.upstream, store_dir, args.protocol, **options).close()
     from gunicorn.app.base import BaseApplication
@@ -158,8 +200,8 @@ def _serve(args: argparse.Namespace) -> int:
         def load(self) -> Any:
             return load()
 
-    print(f"cachefetch: serving {args.upstream} ({args.protocol}) on http://{args.bind}/ from {store_dir}",
-          file=sys.stderr)
+    what = f"{args.upstream} ({args.protocol})" if args.config is None else f"the routes of {args.config}"
+    print(f"cachefetch: serving {what} on http://{args.bind}/ from {store_dir}", file=sys.stderr)
     Server().run()
     return 0
 

@@ -7,10 +7,13 @@ exceptions into three of its own that a proxy can map to status codes.
 """
 from __future__ import annotations
 
+import email.parser
+import http.client
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+import re
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import requests
@@ -18,11 +21,13 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 __all__ = ["Upstream", "UpstreamResponse", "UpstreamError", "UpstreamUnavailable", "UpstreamTimeout",
-           "UpstreamBodyError", "validate_base_url"]
+           "UpstreamBodyError", "validate_base_url", "reason"]
 
 log = logging.getLogger("cachefetch.upstream")
 
 CHUNK_SIZE = 1 << 20
+_CONTROL = re.compile(r"[\r\n\x00]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class UpstreamError(Exception):
@@ -86,11 +91,11 @@ class UpstreamResponse:
                     break
                 yield chunk
         except requests.exceptions.ConnectionError as exc:
-            raise UpstreamBodyError(f"upstream body broke off: {exc}") from exc
+            raise UpstreamBodyError(f"upstream body broke off: {reason(exc)}") from exc
         except Exception as exc:
             if _is_timeout(exc):
-                raise UpstreamTimeout(f"upstream body read timed out: {exc}") from exc
-            raise UpstreamBodyError(f"upstream body broke off: {exc!r}") from exc
+                raise UpstreamTimeout("upstream body read timed out") from exc
+            raise UpstreamBodyError(f"upstream body broke off: {reason(exc)}") from exc
         finally:
             self.close()
 
@@ -107,14 +112,60 @@ class UpstreamResponse:
                     raise UpstreamBodyError(f"upstream document larger than {limit} bytes")
         except requests.exceptions.RequestException as exc:
             if _is_timeout(exc):
-                raise UpstreamTimeout(f"upstream body read timed out: {exc}") from exc
-            raise UpstreamBodyError(f"upstream body broke off: {exc}") from exc
+                raise UpstreamTimeout("upstream body read timed out") from exc
+            raise UpstreamBodyError(f"upstream body broke off: {reason(exc)}") from exc
         finally:
             self.close()
         return bytes(out)
 
     def close(self) -> None:
         self.raw.close()
+
+
+def _parse_headers(fp: Any, _class: type = http.client.HTTPMessage) -> http.client.HTTPMessage:
+    """http.client's header parser, but a bare CR or a NUL inside a header
+    line becomes a space first: the email parser under it would take a bare
+    CR as a line end, so ``X: a<CR>Injected: yes`` would become two headers
+    (RFC 9112 §5.5 lets a recipient replace them with SP)."""
+    lines = http.client._read_headers(fp)  # type: ignore[attr-defined]
+    cleaned = []
+    for line in lines:
+        text = line.rstrip(b"\r\n")
+        cleaned.append(text.replace(b"\r", b" ").replace(b"\x00", b" ") + b"\r\n")
+    return email.parser.Parser(_class=_class).parsestr(b"".join(cleaned).decode("iso-8859-1"))
+
+
+# The stdlib has no hook for this: its module-level parser is what every
+# HTTPResponse (so requests and urllib3) calls. Installed only where the
+# private helper it builds on exists.
+if hasattr(http.client, "_read_headers"):
+    http.client.parse_headers = _parse_headers  # type: ignore[assignment]
+
+
+def reason(exc: BaseException) -> str:
+    """One line saying why a request failed: the innermost OS error's text
+    (``Connection refused``), not the chain of urllib3 wrappers around it."""
+    found: BaseException | None = None
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            found = e
+        stack.extend([e.__cause__, e.__context__, *[a for a in getattr(e, "args", ()) if isinstance(a, BaseException)],
+                      getattr(e, "reason", None) if isinstance(getattr(e, "reason", None), BaseException) else None])
+    if found is not None:
+        return found.strerror.lower() if isinstance(found.strerror, str) else str(found)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -149,12 +200,16 @@ class Upstream:
         self.session.mount("https://", adapter)
 
     def get(self, url: str, headers: Mapping[str, str] | None = None, method: str = "GET",
-            decode: bool = False) -> UpstreamResponse:
+            decode: bool = False, body: Any = None) -> UpstreamResponse:
         """Send ``method`` to ``url`` and return once the response headers are in.
 
-        Redirects are not followed: the caller decides whether a Location is allowed.
+        Redirects are not followed: the caller decides whether a Location is
+        allowed. Header values holding CR, LF or NUL have each replaced by a
+        space (RFC 9112 §5.5), so no value can become a header line of its own.
 
         :param decode: ask for gzip and decode it (for documents read whole).
+        :param body: the request body: a file-like object with ``__len__``
+            (sent with Content-Length) or an iterable of bytes (chunked).
         :raises UpstreamUnavailable: connection refused/reset/DNS failure.
         :raises UpstreamTimeout: connect or first read timed out.
         """
@@ -163,16 +218,17 @@ class Upstream:
         started = time.monotonic()
         try:
             raw = self.session.request(method, url, headers=send, stream=True, timeout=self.timeout,
-                                       allow_redirects=False)
+                                       allow_redirects=False, data=body)
         except requests.exceptions.Timeout as exc:
-            raise UpstreamTimeout(f"{url}: {exc}") from exc
+            raise UpstreamTimeout(f"{_where(url)}: timed out") from exc
         except requests.exceptions.ConnectionError as exc:
             if _is_timeout(exc):
-                raise UpstreamTimeout(f"{url}: {exc}") from exc
-            raise UpstreamUnavailable(f"{url}: {exc}") from exc
+                raise UpstreamTimeout(f"{_where(url)}: timed out") from exc
+            raise UpstreamUnavailable(f"{_where(url)}: {reason(exc)}") from exc
         except requests.exceptions.RequestException as exc:
-            raise UpstreamUnavailable(f"{url}: {exc}") from exc
-        headers_out = list(raw.raw.headers.items())
+            raise UpstreamUnavailable(f"{_where(url)}: {reason(exc)}") from exc
+        headers_out = [(k, _CONTROL.sub(" ", v)) for k, v in raw.raw.headers.items()
+                       if _TOKEN.fullmatch(k)]
         return UpstreamResponse(raw.status_code, raw.reason or "", headers_out, raw, started)
 
     def close(self) -> None:

@@ -31,6 +31,8 @@ class Origin:
     def __init__(self) -> None:
         self.files: dict[str, Resource] = {}
         self.hits: Counter[str] = Counter()
+        #: Every request as received: (method, path, headers, body).
+        self.requests: list[tuple[str, str, dict, bytes]] = []
         self._lock = threading.Lock()
         self._connections: set = set()
         origin = self
@@ -54,10 +56,21 @@ class Origin:
             def do_HEAD(self):
                 self.do_GET(head=True)
 
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with origin._lock:
+                    origin.hits[self.path] += 1
+                    origin.requests.append((self.command, self.path, dict(self.headers.items()), body))
+
+            def do_POST(self):
+                self.do_GET()
+
+            do_PUT = do_DELETE = do_PATCH = do_POST
+
             def do_GET(self, head=False):
                 path = self.path
-                with origin._lock:
-                    origin.hits[path] += 1
+                self._record()
                 res = origin.files.get(path)
                 if res is None:
                     body = b"no such file"

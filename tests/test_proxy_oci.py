@@ -282,7 +282,6 @@ BAD_PATHS = [
     "/v2/library/alpine/manifests/" + "t" * 129,         # tag too long
     "/v2/library/alpine/manifests/",                     # no reference
     "/v2/library/alpine/manifests/sha256:xyz",           # bad digest
-    "/v2/library/alpine/tags/list",                      # not served
     "/v2/_catalog",
     "/v3/",
     "/",
@@ -294,7 +293,9 @@ def test_invalid_names_and_digests_are_404_and_never_reach_the_origin(tmp_path):
         for path in BAD_PATHS:
             r = fetch(server.port, path)
             assert r.status == 404, (path, r.status, r.body)
-            assert r.headers["Content-Type"].startswith("text/plain")
+            # OCI clients read the distribution spec's JSON error body
+            assert r.headers["Content-Type"] == "application/json"
+            assert json.loads(r.body)["errors"][0]["code"] == "NAME_UNKNOWN"
         # encoded dot segments and NUL: refused as bad requests, still not a 500
         for path in (f"/v2/library/%2e%2e/blobs/sha256:{'a' * 64}", f"/v2/library/../blobs/sha256:{'a' * 64}",
                      f"/v2/library/alpine/blobs/sha256:{'a' * 64}%00", "/v2/lib%5Calpine/manifests/x"):
@@ -345,7 +346,7 @@ def test_blob_redirected_by_the_upstream_is_followed_verified_and_cached(tmp_pat
         storage.files[f"/objects/{digest}?sig=1"] = Resource(data)
         seen_auth = record_authorization(storage)
         origin.files[path] = Resource(b"", status=307, headers={"Location": f"{storage.url}/objects/{digest}?sig=1"})
-        with serve_oci(tmp_path, origin, store) as server:
+        with serve_oci(tmp_path, origin, store, "--files-upstream", storage.url) as server:
             miss = fetch(server.port, path, headers={"Authorization": "Bearer registry-token"})
             assert miss.status == 200 and miss.complete and miss.body == data
             assert miss.headers["Docker-Content-Digest"] == f"sha256:{digest}"

@@ -130,14 +130,16 @@ def test_files_host_not_on_the_allow_list_is_refused(tmp_path):
             assert refused.status == 403
 
 
-def test_pip_install_through_a_pep_691_json_index(tmp_path):
+def test_pip_install_through_a_pep_691_json_index_with_pep_658_metadata(tmp_path):
     filename, wheel = build_wheel("jsonpkg", "2.0", 7)
     sha = hashlib.sha256(wheel).hexdigest()
+    metadata = b"Metadata-Version: 2.1\nName: jsonpkg\nVersion: 2.0\n"
     with Origin() as index, Origin() as files:
         files.files[f"/packages/{filename}"] = Resource(wheel)
-        doc = {"meta": {"api-version": "1.0"}, "name": "jsonpkg",
+        files.files[f"/packages/{filename}.metadata"] = Resource(metadata)
+        doc = {"meta": {"api-version": "1.1"}, "name": "jsonpkg",
                "files": [{"filename": filename, "url": f"{files.url}/packages/{filename}", "hashes": {"sha256": sha},
-                          "core-metadata": {"sha256": "0" * 64}}]}
+                          "core-metadata": {"sha256": hashlib.sha256(metadata).hexdigest()}}]}
         index.files["/simple/jsonpkg/"] = Resource(json.dumps(doc).encode(),
                                                    content_type="application/vnd.pypi.simple.v1+json")
         with cachefetch_serve(tmp_path, "--upstream", index.url, "--protocol", "pypi", "--files-upstream",
@@ -147,4 +149,5 @@ def test_pip_install_through_a_pep_691_json_index(tmp_path):
             assert result.returncode == 0, result.stderr + server.log()
             assert (tmp_path / "t" / "jsonpkg" / "__init__.py").read_text() == "VALUE = 7\n"
             assert files.hits[f"/packages/{filename}"] == 1
-            assert not any(path.endswith(".metadata") for path in files.hits)  # PEP 658 link was dropped
+            # PEP 658: pip read the metadata file through the proxy, verified by its own digest
+            assert files.hits[f"/packages/{filename}.metadata"] == 1
