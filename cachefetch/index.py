@@ -129,7 +129,7 @@ _V2 = f"""
 CREATE INDEX IF NOT EXISTS entries_last_used ON entries(last_used, key, variant);
 CREATE INDEX IF NOT EXISTS entries_queue ON entries(queue, seq);
 CREATE INDEX IF NOT EXISTS entries_expiry ON entries(expires_at) WHERE expires_at IS NOT NULL;
--- One row per distinct blob the entries point at; refs = 0 once none does
+-- One row per distinct blob the entries point at, refs = 0 once none does
 -- (the file is still there until gc removes it).
 CREATE TABLE IF NOT EXISTS blobs (
     hash TEXT PRIMARY KEY,
@@ -265,6 +265,19 @@ def _set_wal(db: sqlite3.Connection, timeout: float) -> None:
     _retry_locked(db, timeout, lambda d: d.execute("PRAGMA journal_mode=WAL"))
 
 
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run each statement of ``script`` inside the caller's transaction
+    (``executescript`` would commit it)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            db.execute(statement)
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"incomplete SQL: {statement!r:.80}")
+
+
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring the schema to :data:`_VERSION`, once, whoever gets there first."""
     if db.execute("PRAGMA user_version").fetchone()[0] == _VERSION:
@@ -277,21 +290,16 @@ def _migrate(db: sqlite3.Connection) -> None:
                                         f"({_VERSION})")
         if version < _VERSION:
             fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is None
-            for statement in _TABLES.split(";"):
-                db.execute(statement)
+            _run_script(db, _TABLES)
             have = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
             for column in _QUEUE_COLUMNS:
                 if column.split()[0] not in have:
                     db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
-            for statement in _V2.split(";"):
-                db.execute(statement)
+            _run_script(db, _V2)
             db.execute("INSERT OR IGNORE INTO totals VALUES (0, 0, 0, 0, 0)")
             if not fresh:
-                for statement in _BACKFILL.split(";"):
-                    db.execute(statement)
-            for statement in _TRIGGERS.split("END;"):
-                if statement.strip():
-                    db.execute(statement + "END;")
+                _run_script(db, _BACKFILL)
+            _run_script(db, _TRIGGERS)
             db.execute(f"PRAGMA user_version = {_VERSION}")
         db.execute("COMMIT")
     except BaseException:
@@ -309,8 +317,9 @@ class Usage:
         counted once however many entries share it.
     :param orphan_bytes: bytes of blobs no entry points at any more whose
         files gc has not removed yet.
-    :param index_bytes: the index's own disk use: the database's pages in use
-        plus its ``-wal`` file.
+    :param index_bytes: the database's pages in use (free pages are space
+        SQLite reuses, or gives back: see :meth:`SQLiteIndex.compact`).
+    :param wal_bytes: the size of its ``-wal`` file.
     """
 
     entries: int
@@ -318,11 +327,12 @@ class Usage:
     blob_bytes: int
     orphan_bytes: int
     index_bytes: int
+    wal_bytes: int
 
     @property
     def total(self) -> int:
         """Bytes the store takes on disk as far as the index knows."""
-        return self.blob_bytes + self.orphan_bytes + self.index_bytes
+        return self.blob_bytes + self.orphan_bytes + self.index_bytes + self.wal_bytes
 
 
 class SQLiteIndex:
@@ -415,18 +425,20 @@ class SQLiteIndex:
         db = self._connect()
         entries, blobs, blob_bytes, orphan_bytes = db.execute(
             "SELECT entries, blobs, blob_bytes, orphan_bytes FROM totals").fetchone()
-        return Usage(entries, blobs, blob_bytes, orphan_bytes, self._own_bytes(db))
-
-    def _own_bytes(self, db: sqlite3.Connection) -> int:
-        # Free pages are space SQLite reuses (or gives back, see compact()):
-        # not counting them keeps an index whose file cannot shrink (made
-        # before auto_vacuum) from looking forever over its size.
+        # Not counting free pages keeps an index whose file cannot shrink
+        # (made before auto_vacuum) from looking over its size for ever.
         pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
         try:
             wal = os.stat(self.path + "-wal").st_size
         except FileNotFoundError:
             wal = 0
-        return pages * db.execute("PRAGMA page_size").fetchone()[0] + wal
+        return Usage(entries, blobs, blob_bytes, orphan_bytes, pages * self._page_size(db), wal)
+
+    def _page_size(self, db: sqlite3.Connection) -> int:
+        size = getattr(self._local, "page_size", None)
+        if size is None:
+            size = self._local.page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        return size
 
     def least_recently_used(self, limit: int = 1000, used_before: float | None = None,
                             after: tuple[float, str, str] | None = None) -> list[Entry]:
@@ -470,6 +482,15 @@ class SQLiteIndex:
             "ORDER BY unreferenced_since LIMIT ?", (before, limit)).fetchall()
         return [(Hash.from_hex(h), size) for h, size in rows]
 
+    def blob_hashes(self) -> Iterator[Hash]:
+        """Every blob some entry points at, each once (a snapshot)."""
+        rows = self._connect().execute("SELECT hash FROM blobs WHERE refs > 0").fetchall()
+        return (Hash.from_hex(h) for (h,) in rows)
+
+    def keys_for(self, h: Hash) -> list[tuple[str, str]]:
+        """``(key, variant)`` of every entry pointing at blob ``h``."""
+        return self._connect().execute("SELECT key, variant FROM entries WHERE hash = ?", (h.hex,)).fetchall()
+
     def forget_blob(self, h: Hash) -> bool:
         """Stop counting blob ``h`` (its file is gone), unless an entry points
         at it again; returns whether it was forgotten."""
@@ -504,8 +525,12 @@ class SQLiteIndex:
 
     def compact(self) -> None:
         """Give the database's free pages back to the file system (an index
-        created before auto_vacuum keeps them for reuse instead)."""
-        self._connect().execute("PRAGMA incremental_vacuum").fetchall()
+        created before auto_vacuum keeps them for reuse instead), and
+        checkpoint the ``-wal`` without waiting for readers (the next writer
+        then cuts it back to 4 MiB)."""
+        db = self._connect()
+        db.execute("PRAGMA incremental_vacuum").fetchall()
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def __len__(self) -> int:
         return self.totals()[0]
