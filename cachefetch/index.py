@@ -166,11 +166,13 @@ INSERT OR IGNORE INTO eviction VALUES (0, 1, 0, 0);
 INSERT OR IGNORE INTO queues VALUES ({PENDING}, 0, 0), ({SMALL}, 0, 0), ({MAIN}, 0, 0);
 """
 # The running totals, kept in the same transaction as the change they count:
-# whoever writes an entry (any process, any code path) keeps them exact.
+# whoever writes an entry (any process, any code path) keeps them exact. (An
+# upsert, not INSERT OR IGNORE: in a trigger, the outer statement's conflict
+# policy overrides an OR clause.)
 _TRIGGERS = f"""
 CREATE TRIGGER IF NOT EXISTS entry_added AFTER INSERT ON entries BEGIN
-    INSERT OR IGNORE INTO blobs VALUES (new.hash, new.size, 0, NULL);
-    UPDATE blobs SET refs = refs + 1, unreferenced_since = NULL WHERE hash = new.hash;
+    INSERT INTO blobs VALUES (new.hash, new.size, 1, NULL)
+        ON CONFLICT (hash) DO UPDATE SET refs = refs + 1, unreferenced_since = NULL;
     UPDATE totals SET entries = entries + 1;
     UPDATE queues SET entries = entries + 1, bytes = bytes + new.size + {ROW_WEIGHT} WHERE queue = new.queue;
 END;
@@ -181,8 +183,8 @@ CREATE TRIGGER IF NOT EXISTS entry_removed AFTER DELETE ON entries BEGIN
 END;
 CREATE TRIGGER IF NOT EXISTS entry_rehashed AFTER UPDATE OF hash ON entries
 WHEN old.hash IS NOT new.hash BEGIN
-    INSERT OR IGNORE INTO blobs VALUES (new.hash, new.size, 0, NULL);
-    UPDATE blobs SET refs = refs + 1, unreferenced_since = NULL WHERE hash = new.hash;
+    INSERT INTO blobs VALUES (new.hash, new.size, 1, NULL)
+        ON CONFLICT (hash) DO UPDATE SET refs = refs + 1, unreferenced_since = NULL;
     UPDATE blobs SET refs = refs - 1, unreferenced_since = {_NOW} WHERE hash = old.hash;
 END;
 CREATE TRIGGER IF NOT EXISTS entry_requeued AFTER UPDATE OF queue, size ON entries
@@ -191,7 +193,9 @@ WHEN old.queue IS NOT new.queue OR old.size IS NOT new.size BEGIN
     UPDATE queues SET entries = entries + 1, bytes = bytes + new.size + {ROW_WEIGHT} WHERE queue = new.queue;
 END;
 CREATE TRIGGER IF NOT EXISTS blob_added AFTER INSERT ON blobs BEGIN
-    UPDATE totals SET blobs = blobs + 1, orphan_bytes = orphan_bytes + new.size;
+    UPDATE totals SET blobs = blobs + 1,
+        blob_bytes = blob_bytes + CASE WHEN new.refs > 0 THEN new.size ELSE 0 END,
+        orphan_bytes = orphan_bytes + CASE WHEN new.refs > 0 THEN 0 ELSE new.size END;
 END;
 CREATE TRIGGER IF NOT EXISTS blob_referenced AFTER UPDATE OF refs ON blobs
 WHEN old.refs <= 0 AND new.refs > 0 BEGIN
@@ -456,7 +460,9 @@ class SQLiteIndex:
     def touch_many(self, uses: dict[tuple[str, str], float]) -> None:
         """Record many uses at once: ``{(key, variant): when}``, each as :meth:`touch`."""
         db = self._connect()
-        db.execute("BEGIN")
+        # IMMEDIATE: a deferred transaction that turns into a writer after
+        # another process committed fails at once instead of waiting its turn.
+        db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(_TOUCH, [(when, key, variant) for (key, variant), when in uses.items()])
             db.execute("COMMIT")
@@ -529,7 +535,9 @@ class SQLiteIndex:
         checkpoint the ``-wal`` without waiting for readers (the next writer
         then cuts it back to 4 MiB)."""
         db = self._connect()
-        db.execute("PRAGMA incremental_vacuum").fetchall()
+        # Each step of incremental_vacuum frees one page, and execute() steps a
+        # statement without result columns once: executescript steps to the end.
+        db.executescript("PRAGMA incremental_vacuum;")
         db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def __len__(self) -> int:
