@@ -138,7 +138,7 @@ def main() -> int:
         store, index, build_s = build(os.path.join(top, "big"), args.entries)
         log(f"built in {build_s:.0f} s; admitting the entries to the eviction queues")
         t0 = time.monotonic()
-        collect_garbage(store, index, None)  # the first pass admits every new entry (once)
+        collect_garbage(store, index, 1 << 50)  # the first pass with a size admits every new entry (once)
         admit_s = time.monotonic() - t0
         u = index.usage()
         notes.append(f"store: {u.entries:,} entries, {u.blobs:,} blobs, index {u.index_bytes / 2**20:.0f} MiB "

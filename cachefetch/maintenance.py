@@ -16,13 +16,13 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from .eviction import make_policy
-from .eviction.policy import DEFAULT_POLICY
+from .eviction.policy import DEFAULT_POLICY, Policy
 from .eviction.state import Item
 from .hashing import Hash
-from .index import SQLiteIndex
+from .index import SQLiteIndex, Usage
 from .inflight import Flights
 from .store import CAFS
 
@@ -227,7 +227,7 @@ def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int | None, *, gr
 
     In order: purge entries expired more than ``stale_window`` seconds ago;
     let ``policy`` (``"s3fifo"`` or ``"lru"``) admit the entries stored since
-    the last pass; remove blobs no entry has pointed at for ``grace`` seconds
+    the last pass (only with a ``max_size``: admission is relative to it); remove blobs no entry has pointed at for ``grace`` seconds
     (and, with ``sweep``, blob files the index does not know: a walk of the
     store); then, if still over ``max_size`` (``None``: no limit), evict
     entries in the policy's order, removing each blob no entry points at any
@@ -250,8 +250,10 @@ def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int | None, *, gr
 
     while (n := index.purge_expired(now - stale_window, 1000)) > 0:
         report.expired_entries += n
+    # Admission places entries relative to the size (S3-FIFO's small queue is
+    # a share of it): without one there is nothing to place them for.
     queues = index.queues()
-    while True:
+    while max_size is not None:
         with index.transaction():
             pending = queues.pending(_BATCH)
             for item in pending:
@@ -279,15 +281,15 @@ def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int | None, *, gr
     return report
 
 
-def _all_unreferenced(index: SQLiteIndex, before: float):
+def _all_unreferenced(index: SQLiteIndex, before: float) -> Iterator[tuple[Hash, int]]:
     while batch := index.unreferenced_blobs(before, 1000):
         yield from batch
         if len(batch) < 1000:
             return
 
 
-def _evict(store: CAFS, index: SQLiteIndex, evictor, max_size: int, protect_from: float,
-           usage) -> tuple[int, int]:
+def _evict(store: CAFS, index: SQLiteIndex, evictor: Policy, max_size: int, protect_from: float,
+           usage: Usage) -> tuple[int, int]:
     """Evict in ``evictor``'s order until under ``max_size``, in transactions
     of a few hundred entries, each followed by the removal of the blobs it
     left unreferenced. Returns ``(entries evicted, blobs removed)``."""

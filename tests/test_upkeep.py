@@ -135,7 +135,7 @@ def test_the_size_check_over_the_limit_walks_no_store_directory_either(cafs, mon
     now = time.time()
     for i in range(50):
         add_entry(store, index, f"k{i}", bytes([i]) * 4096, last_used=now - 3600 + i)
-    collect_garbage(store, index, None)
+    collect_garbage(store, index, 1 << 50)  # admits them
     own = index.usage().index_bytes + index.usage().wal_bytes
     import cachefetch.maintenance as maintenance
     monkeypatch.setattr(maintenance, "open_blobs", lambda store: set())  # /proc is not the store
@@ -171,6 +171,18 @@ def test_junk_rows_sharing_one_blob_are_bounded_by_the_size_too(cafs):
     assert after.blob_bytes + after.index_bytes <= limit
     assert os.path.getsize(index.path) <= limit  # pages given back to the file system, not just marked free
     assert store.exists(blob.hash)
+
+
+def test_a_pass_without_a_size_admits_nothing_and_evicts_nothing(cafs):
+    """Once a store has been full, S3-FIFO turns away objects too big for its small queue:
+    with no size there is no small queue, and nothing may be turned away."""
+    store, index = cafs
+    with index.transaction():
+        index.queues().mark_full()
+    for i in range(5):
+        add_entry(store, index, f"k{i}", b"%d" % i)
+    report = collect_garbage(store, index, None)
+    assert (report.admitted_entries, report.evicted_entries) == (0, 0) and len(index) == 5
 
 
 def test_expired_rows_past_the_stale_window_are_purged(cafs):
