@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 import blake3  # noqa: E402
-from report import Bar, cachefetch_revision, log, machine, markdown_table, met, run_main, write_results  # noqa: E402
+from report import (Bar, cachefetch_revision, interrupt_on, log, machine, markdown_table, met, run_main,  # noqa: E402
+                    write_results)
 
 from cachefetch.hashing import hash_bytes  # noqa: E402
 from cachefetch.index import SQLiteIndex  # noqa: E402
@@ -132,6 +134,7 @@ def main() -> int:
     parser.add_argument("--verify-gib", type=float, default=10.0, help="size of the verify store (GiB)")
     parser.add_argument("--dir", default="/work" if os.path.isdir("/work") else None)
     args = parser.parse_args()
+    interrupt_on(signal.SIGINT, signal.SIGTERM)  # the finally below removes the store
     top = tempfile.mkdtemp(prefix="cachefetch-upkeep-", dir=args.dir)
     rows, bars, notes = [], [], []
     try:
