@@ -191,6 +191,14 @@ def _unlink_blob(store: CAFS, index: SQLiteIndex, h: Hash) -> bool:
     return removed
 
 
+def _unlink_blobs(store: CAFS, index: SQLiteIndex, hashes: set[Hash]) -> int:
+    """:func:`_unlink_blob` for many, forgotten in one transaction, then
+    their files removed (a crash in between leaves files for the sweep)."""
+    with index.transaction():
+        gone = [h for h in hashes if index.forget_blob(h)]
+    return sum(store.delete(h) for h in gone)
+
+
 def sweep_blobs(store: CAFS, index: SQLiteIndex, *, grace: float = 600.0) -> int:
     """Remove blob files the index does not know, once older than ``grace``
     seconds (a younger one may be a commit whose entry is about to be
@@ -301,9 +309,9 @@ def _evict(store: CAFS, index: SQLiteIndex, evictor: Policy, max_size: int, prot
     def can_evict(item: Item) -> bool:
         return store.path(item.blob) not in busy
 
-    def over() -> bool:
+    def excess() -> int:
         u = index.usage()
-        return u.blob_bytes + kept_orphans + u.index_bytes + wal > max_size
+        return u.blob_bytes + kept_orphans + u.index_bytes + wal - max_size
 
     queues = index.queues()
     victims = evictor.victims(queues, can_evict=can_evict, protect_from=protect_from)
@@ -311,17 +319,23 @@ def _evict(store: CAFS, index: SQLiteIndex, evictor: Policy, max_size: int, prot
     while True:
         batch: list[Item] = []
         with index.transaction():
+            # Measuring costs a few statements: it is done again only once
+            # the victims' weights cover what was over at the last look
+            # (a row frees its page only when the page empties, so a weight
+            # can promise more than it frees, never much less).
+            left = 0
             for victim in victims:
                 batch.append(victim)
-                if len(batch) >= _BATCH or not over():
+                left -= victim.weight
+                if len(batch) >= _BATCH:
                     break
+                if left <= 0:
+                    left = excess()
+                    if left <= 0:
+                        break
         evicted += len(batch)
-        for h in {v.blob for v in batch}:
-            if _unlink_blob(store, index, h):
-                removed += 1
-        if len(batch) < _BATCH:
-            return evicted, removed
-        if not over():
+        removed += _unlink_blobs(store, index, {v.blob for v in batch})
+        if len(batch) < _BATCH or excess() <= 0:
             return evicted, removed
 
 

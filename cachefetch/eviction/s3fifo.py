@@ -82,8 +82,8 @@ class S3FIFO:
         """Evict one object at a time (see the module's description); an
         object that may not go now is passed over to the tail of its queue
         with its use count kept."""
+        state.mark_full()
         while True:
-            state.mark_full()
             if state.queue_bytes(MAIN) > self.main_capacity or state.queue_bytes(SMALL) == 0:
                 order = (MAIN, SMALL)
             else:
