@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -34,7 +35,9 @@ class Entry:
         ``""`` when the response does not vary.
     :param expires_at: epoch seconds after which the entry is stale; ``None``
         for fresh until evicted.
-    :param initial_age: the ``Age`` the response already had when stored.
+    :param stored_at: when the response was received (its ``response_time``).
+    :param initial_age: its corrected initial age when stored (RFC 9111 §4.2.3),
+        so its current age is ``initial_age + (now - stored_at)``.
     """
 
     key: str
@@ -46,7 +49,7 @@ class Entry:
     stored_at: float = field(default_factory=time.time)
     expires_at: float | None = None
     vary: tuple[str, ...] = ()
-    initial_age: int = 0
+    initial_age: float = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not isinstance(self.variant, str):
@@ -57,15 +60,22 @@ class Entry:
             raise ValueError("Entry size must be an int >= 0")
 
     def age(self, now: float | None = None) -> int:
-        """Seconds since the origin produced the response (RFC 9111 ``Age``)."""
+        """Its current age in whole seconds (RFC 9111 §4.2.3), as ``Age`` sends it."""
         now = time.time() if now is None else now
-        return max(0, int(now - self.stored_at)) + self.initial_age
+        return int(max(0.0, now - self.stored_at) + self.initial_age)
 
     def ttl(self, now: float | None = None) -> float | None:
         """Seconds of freshness left (negative once stale); ``None`` if unlimited."""
         if self.expires_at is None:
             return None
         return self.expires_at - (time.time() if now is None else now)
+
+    @property
+    def lifetime(self) -> float | None:
+        """The freshness lifetime it was stored with; ``None`` if unlimited."""
+        if self.expires_at is None:
+            return None
+        return self.expires_at - self.stored_at + self.initial_age
 
     def is_fresh(self, now: float | None = None) -> bool:
         """Whether the entry may be served without going to the origin."""
@@ -74,7 +84,13 @@ class Entry:
 
 
 class Index(Protocol):
-    """What the middleware needs from an index. Implementations are thread-safe."""
+    """The entry index seam: what the middleware, the proxy and maintenance
+    need from an index. Implementations are thread-safe and shared by every
+    process on a store; :class:`SQLiteIndex` is the embedded one.
+
+    ``get`` must reflect every ``put``/``delete`` already returned, in any
+    process (an invalidation must be seen by the very next request).
+    """
 
     def get(self, key: str) -> list[Entry]:
         """Every stored variant for ``key`` (usually zero or one)."""
@@ -85,8 +101,14 @@ class Index(Protocol):
     def delete(self, key: str, variant: str | None = None) -> int:
         """Remove one variant, or every variant when ``variant`` is None; returns how many."""
 
-    def touch(self, key: str, variant: str, when: float | None = None) -> None:
-        """Record a use of an entry (for least-recently-used eviction)."""
+    def touch_many(self, uses: dict[tuple[str, str], float]) -> None:
+        """Record uses of entries, ``{(key, variant): when}`` (for eviction)."""
+
+    def totals(self) -> tuple[int, int]:
+        """``(entries, bytes of the distinct blobs they point at)``."""
+
+    def referenced(self, h: Hash) -> bool:
+        """Whether any entry points at blob ``h``."""
 
     def __iter__(self) -> Iterator[Entry]:
         """Every entry."""
@@ -226,6 +248,8 @@ INSERT OR REPLACE INTO totals
 INSERT OR REPLACE INTO queues
     SELECT {PENDING}, COUNT(*), COALESCE(SUM(size + {ROW_WEIGHT}), 0) FROM entries;
 """
+_GENERATION_SIZE = 16
+_MEMO_SLOTS = 4096
 _COLUMNS = "key, variant, hash, size, status, headers, stored_at, expires_at, vary, initial_age"
 _ITEM_COLUMNS = "key, variant, size, queue, freq, last_used, hash"
 _UPSERT = (f"INSERT INTO entries ({_COLUMNS}, last_used) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
@@ -348,6 +372,12 @@ class SQLiteIndex:
     reference counts and the eviction queues' sizes in the same transaction
     as every change, so they stay exact across processes.
 
+    ``get`` answers hot keys from a per-process memo, which is dropped
+    whenever any process changes the index: every ``put`` and ``delete``
+    writes a new token to the *generation file* beside the database
+    (``<path>.gen``), and ``get`` compares it (one ``pread``) before using
+    the memo. An invalidation is so seen by every worker's next request.
+
     :param path: the database file; its directory must exist.
     :param busy_timeout: seconds to wait for another writer's lock.
     :raises sqlite3.Error: if the database cannot be opened or created.
@@ -362,6 +392,10 @@ class SQLiteIndex:
         self._busy_timeout = busy_timeout
         self._local = threading.local()
         _retry_locked(self._connect(), busy_timeout, _migrate)
+        self.generation_path = self.path + ".gen"
+        # key -> entries, valid while the generation file reads _memo_generation.
+        self._memo: dict[str, list[Entry]] = {}
+        self._memo_generation = b""
 
     def __repr__(self) -> str:
         return f"SQLiteIndex({self.path!r})"
@@ -381,10 +415,39 @@ class SQLiteIndex:
             local.db, local.pid = db, os.getpid()
         return local.db
 
+
+    def _generation_fd(self) -> int:
+        local = self._local
+        if getattr(local, "gen_pid", None) != os.getpid():  # like connections: per thread, per process
+            local.gen_fd = os.open(self.generation_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            local.gen_pid = os.getpid()
+        return local.gen_fd
+
+    def generation(self) -> bytes:
+        """A token that changes whenever any process changes the index."""
+        return os.pread(self._generation_fd(), _GENERATION_SIZE, 0)
+
+    def _changed(self) -> None:
+        """Tell every process that the index changed (after the change committed)."""
+        self._memo = {}
+        os.pwrite(self._generation_fd(), secrets.token_bytes(_GENERATION_SIZE), 0)
+
     def get(self, key: str) -> list[Entry]:
-        """Every stored variant for ``key``."""
+        """Every stored variant for ``key``, as of every change already made."""
+        generation = self.generation()
+        if generation != self._memo_generation:
+            self._memo, self._memo_generation = {}, generation
+        memo = self._memo
+        entries = memo.get(key)
+        if entries is not None:
+            return entries
         rows = self._connect().execute(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,)).fetchall()
-        return [_entry(r) for r in rows]
+        entries = [_entry(r) for r in rows]
+        if entries:  # an absence is never remembered: a commit elsewhere must show at once
+            if len(memo) >= _MEMO_SLOTS:
+                memo.clear()
+            memo[key] = entries
+        return entries
 
     def put(self, entry: Entry) -> None:
         """Store ``entry``, replacing the one with the same key and variant
@@ -396,17 +459,23 @@ class SQLiteIndex:
             (entry.key, entry.variant, entry.hash.hex, entry.size, entry.status,
              json.dumps(entry.headers), entry.stored_at, entry.expires_at,
              json.dumps(entry.vary), entry.initial_age, time.time()))
+        self._changed()
 
     def delete(self, key: str, variant: str | None = None) -> int:
         """Remove one variant, or all of ``key``'s; returns how many rows went."""
         db = self._connect()
         if variant is None:
-            return db.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount
-        return db.execute("DELETE FROM entries WHERE key = ? AND variant = ?", (key, variant)).rowcount
+            gone = db.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount
+        else:
+            gone = db.execute("DELETE FROM entries WHERE key = ? AND variant = ?", (key, variant)).rowcount
+        self._changed()
+        return gone
 
     def delete_hash(self, h: Hash) -> int:
         """Remove every entry that points at blob ``h``; returns how many."""
-        return self._connect().execute("DELETE FROM entries WHERE hash = ?", (h.hex,)).rowcount
+        gone = self._connect().execute("DELETE FROM entries WHERE hash = ?", (h.hex,)).rowcount
+        self._changed()
+        return gone
 
     def touch(self, key: str, variant: str, when: float | None = None) -> None:
         """Record a use of an entry: its last use, and one more use counted
@@ -508,9 +577,12 @@ class SQLiteIndex:
         returns how many went. Their blobs become unreferenced, for gc."""
         if limit < 1:
             raise ValueError("limit must be >= 1")
-        return self._connect().execute(
+        gone = self._connect().execute(
             "DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries WHERE expires_at < ? "
             "ORDER BY expires_at LIMIT ?)", (before, limit)).rowcount
+        if gone:
+            self._changed()
+        return gone
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -544,10 +616,13 @@ class SQLiteIndex:
         return self.totals()[0]
 
     def close(self) -> None:
-        """Close this thread's connection."""
-        db = getattr(self._local, "db", None)
-        if db is not None and self._local.pid == os.getpid():
+        """Close this thread's connection and generation file."""
+        local = self._local
+        db = getattr(local, "db", None)
+        if db is not None and local.pid == os.getpid():
             db.close()
+        if getattr(local, "gen_pid", None) == os.getpid():
+            os.close(local.gen_fd)
         self._local = threading.local()
 
 

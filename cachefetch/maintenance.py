@@ -22,8 +22,8 @@ from .eviction import make_policy
 from .eviction.policy import DEFAULT_POLICY, Policy
 from .eviction.state import Item
 from .hashing import Hash
+from .flights import Flights
 from .index import SQLiteIndex, Usage
-from .inflight import Flights
 from .store import CAFS
 
 __all__ = ["VerifyReport", "verify_store", "GCReport", "collect_garbage", "parse_size", "SizeLimiter",

@@ -13,6 +13,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from .policy import CacheStatus
+
 __all__ = ["REQUESTS", "UPSTREAM_BYTES", "SERVED_BYTES", "UPSTREAM_ERRORS", "VERIFY_FAILURES", "render",
            "CONTENT_TYPE", "outcome_of"]
 
@@ -25,19 +27,10 @@ UPSTREAM_ERRORS = Counter("cachefetch_upstream_errors", "Upstream failures by ki
 VERIFY_FAILURES = Counter("cachefetch_verification_failures", "Bodies whose digest did not match")
 
 
-def outcome_of(cache_status: str | None) -> str:
-    """hit, stale, collapsed, miss or bypass, from a Cache-Status value."""
-    if not cache_status:
-        return "bypass"
-    if "detail=stale" in cache_status:
-        return "stale"
-    if "; hit" in cache_status:
-        return "hit"
-    if "collapsed" in cache_status:
-        return "collapsed"
-    if "fwd=miss" in cache_status or "fwd=stale" in cache_status:
-        return "miss"
-    return "bypass"
+def outcome_of(cache_status: CacheStatus | None) -> str:
+    """hit, stale, revalidated, collapsed, miss or bypass, from an answer's
+    :class:`~cachefetch.policy.CacheStatus` (``None``: not through the cache)."""
+    return "bypass" if cache_status is None else cache_status.outcome
 
 
 class _StoreCollector:

@@ -23,6 +23,7 @@ from urllib.parse import urljoin
 from . import metrics, policy
 from .index import SQLiteIndex
 from .middleware import CacheFetch
+from .policy import FOREVER
 from .protocols import LocalAnswer, Route, RouteError, make_protocol, netloc_of, safe_path
 from .wsgi import StartResponse, WSGIEnviron, plain_response, status_line
 from .store import CAFS
@@ -293,7 +294,7 @@ class ProxyApp:
             return [body]
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            metrics.REQUESTS.labels(metrics.outcome_of(policy.header(headers, "Cache-Status"))).inc()
+            metrics.REQUESTS.labels(metrics.outcome_of(environ.get(policy.ENVIRON_KEY))).inc()
             length = policy.header(headers, "Content-Length")
             if length and length.isdigit() and environ.get("REQUEST_METHOD") != "HEAD":
                 metrics.SERVED_BYTES.inc(int(length))
@@ -337,7 +338,10 @@ def create_app(upstream: str, store: CAFS | str | os.PathLike[str], protocol: st
     client = Upstream(pool_size=threads, connect_timeout=connect_timeout, read_timeout=read_timeout)
     forwarder = Forwarder(proto, client, negative_ttl=negative_ttl)
     store = store if isinstance(store, CAFS) else CAFS(store, fsync=fsync)
-    index = SQLiteIndex(os.path.join(store.root, "index.sqlite3"))
+    index = SQLiteIndex(store.layout.index_path)
+    # Until the protocols say what is immutable route by route, an upstream
+    # that states no freshness is taken to serve immutable files.
     cached = CacheFetch(forwarder, store, index=index, key=path_key, cache_statuses=(200, 404),
-                        stale_if_error=stale_if_error, max_object_size=max_object_size, wait_timeout=wait_timeout)
+                        default_ttl=FOREVER, stale_if_error=stale_if_error, max_object_size=max_object_size,
+                        wait_timeout=wait_timeout)
     return ProxyApp(cached, index)

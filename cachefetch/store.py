@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
 from .hashing import Hash, Hasher, hash_file
+from .layout import TEMP_PREFIX, StoreLayout
 
 __all__ = ["CAFS", "Blob", "IntegrityError", "BlobNotFound"]
 
 log = logging.getLogger("cachefetch.store")
 
 _COPY_SIZE = 1 << 20
-TEMP_PREFIX = "cf-"
 
 
 class IntegrityError(ValueError):
@@ -89,9 +89,10 @@ class CAFS:
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"CAFS root must be a path, not {type(root).__name__}")
-        self.root = os.path.abspath(os.fspath(root))
-        self.blobs_dir = os.path.join(self.root, "blobs")
-        self.temp_dir = os.path.join(self.root, "tmp")
+        self.layout = StoreLayout.at(root)
+        self.root = self.layout.root
+        self.blobs_dir = self.layout.blobs_dir
+        self.temp_dir = self.layout.temp_dir
         self.fsync = fsync
         os.makedirs(self.blobs_dir, exist_ok=True)
         os.makedirs(self.temp_dir, exist_ok=True)
@@ -107,8 +108,7 @@ class CAFS:
 
         :raises TypeError: if ``h`` is not a :class:`Hash`.
         """
-        h = _require_hash(h)
-        return os.path.join(self.blobs_dir, h.shard, h.hex)
+        return self.layout.blob_path(_require_hash(h))
 
     def exists(self, h: Hash) -> bool:
         """Whether a blob with hash ``h`` is stored. :raises TypeError: as :meth:`path`."""

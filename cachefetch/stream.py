@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protoco
 from .hashing import Hash, Hasher
 from .logutil import warn_limited
 from .wsgi import StartResponse, WSGIEnviron, normalize_headers, plain_response
+from .wsgi import close_quietly as _close_quietly
 from .store import CAFS, Blob
 
 __all__ = ["StreamThroughOptions", "StreamThroughResult", "stream_through", "Committer", "UpstreamError",
@@ -121,15 +122,6 @@ def _chunks(upstream: Iterable[bytes] | BinaryIO) -> Iterator[bytes]:
     if callable(read):
         return iter(lambda: read(_READ_SIZE), b"")
     return iter(upstream)
-
-
-def _close_quietly(obj: object) -> None:
-    close = getattr(obj, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:
-            log.exception("closing the upstream failed")
 
 
 class _Tee:

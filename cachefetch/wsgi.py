@@ -1,11 +1,12 @@
 """Small WSGI vocabulary shared by the modules that answer requests."""
 from __future__ import annotations
 
+import logging
 import re
 from http import HTTPStatus
 from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["WSGIEnviron", "StartResponse", "normalize_headers", "plain_response", "status_line"]
+__all__ = ["WSGIEnviron", "StartResponse", "normalize_headers", "plain_response", "status_line", "close_quietly"]
 
 _NAME = re.compile(r"[^\s:\x00]+")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
@@ -50,3 +51,14 @@ def status_line(code: int) -> str:
         return f"{code} {HTTPStatus(code).phrase}"
     except ValueError:
         return f"{code} Unknown"
+
+
+def close_quietly(obj: object) -> None:
+    """``obj.close()`` if it has one (PEP 3333 iterables, upstream bodies);
+    an error is logged, not raised: the answer is over either way."""
+    close = getattr(obj, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:
+            logging.getLogger("cachefetch").exception("closing %r failed", obj)

@@ -1,4 +1,4 @@
-"""cachefetch.inflight: the lead/follow protocol, with real files, threads and processes."""
+"""cachefetch.flights: the lead/follow protocol and its typed journal, with real files, threads and processes."""
 from __future__ import annotations
 
 import multiprocessing
@@ -10,7 +10,9 @@ import time
 import pytest
 
 from cachefetch.hashing import hash_bytes
-from cachefetch.inflight import Flights, Follow, Journal, Lead, LeaderGone
+from cachefetch.flights import (DoneRecord, FailedRecord, Flights, Follow, HeadRecord, Journal, JournalOrderError,
+                                Lead, LeaderGone, LeaderRecord, RefreshedRecord, UncacheableRecord, decode_record,
+                                encode_record)
 
 WAIT = 10.0
 
@@ -33,11 +35,11 @@ def new_body(flights: Flights, lead: Lead, name: str = "body.part"):
 
 
 def records(journal: Journal) -> tuple:
-    """The (head, final, detail) a journal has collected."""
-    return journal.head, journal.final, journal.detail
+    """The (head, final) records a journal has collected."""
+    return journal.head, journal.final
 
 
-NOTHING = (None, None, None)
+NOTHING = (None, None)
 
 
 # -- lead / follow / release -------------------------------------------------
@@ -109,7 +111,7 @@ def test_release_unlinks_the_lock_file_and_is_idempotent(flights):
     assert not os.path.exists(lead.path)
     lead.release()
     with pytest.raises(RuntimeError):
-        lead.publish({"status": "200 OK"})
+        lead.publish(HeadRecord("200 OK"))
     assert os.listdir(flights.dir) == []
 
 
@@ -127,24 +129,22 @@ def test_fail_and_uncacheable_release_too(flights):
 # -- the journal -------------------------------------------------------------
 
 def test_journal_records_are_parsed(flights):
-    head = {"status": "200 OK", "headers": [["Content-Type", "text/plain"]], "content_length": 5,
-            "vary": [], "variant": "", "body": "/x/y.part"}
+    head = HeadRecord("200 OK", (("Content-Type", "text/plain"),), 5, (), "", "/x/y.part")
     lead = flights.lead("k")
     follow = flights.follow("k")
     try:
         assert records(follow.journal()) == NOTHING
         assert follow.journal().fid == lead.fid  # the L record names the flight
         lead.publish(head)
-        assert records(follow.journal()) == (head, None, None)
+        assert records(follow.journal()) == (head, None)
         h = hash_bytes(b"hello")
         lead.done(h.hex, 5)
-        assert records(follow.journal()) == (head, "D", {"hash": h.hex, "size": 5})
+        assert records(follow.journal()) == (head, DoneRecord(h.hex, 5))
         assert follow.journal().fid == lead.fid
         lead.release()
         # Released and unlinked, but the follower still reads through its descriptor.
         assert not os.path.exists(lead.path)
-        assert follow.journal().final == "D"
-        assert follow.settled().detail == {"hash": h.hex, "size": 5}
+        assert follow.settled().final == DoneRecord(h.hex, 5)
     finally:
         follow.close()
         lead.release()
@@ -154,13 +154,11 @@ def test_journal_f_record(flights):
     lead = flights.lead("k")
     follow = flights.follow("k")
     try:
-        lead.publish({"body": "/b"})
+        lead.publish(HeadRecord("200 OK", body="/b"))
         lead.fail("abandoned", "x" * 2000)
         j = follow.journal()
-        assert j.head == {"body": "/b"}
-        assert j.final == "F"
-        assert j.detail["why"] == "abandoned"
-        assert j.detail["message"] == "x" * 500  # truncated
+        assert j.head == HeadRecord("200 OK", body="/b")
+        assert j.final == FailedRecord("abandoned", "x" * 500)  # the message truncated
         assert follow.settled() == j  # a final record: no LeaderGone though the lock is free
     finally:
         follow.close()
@@ -172,7 +170,7 @@ def test_journal_x_record(flights):
     try:
         lead.uncacheable(503)
         j = follow.journal()
-        assert records(j) == (None, "X", {"status": 503})
+        assert records(j) == (None, UncacheableRecord(503))
         assert follow.wait(later()) == j
     finally:
         follow.close()
@@ -223,11 +221,11 @@ def test_wait_returns_the_head_once_published(flights):
     t.start()
     try:
         assert waiting.wait(WAIT)
-        lead.publish({"body": "/b", "status": "200 OK"})
+        lead.publish(HeadRecord("200 OK", body="/b"))
         t.join(WAIT)
         assert not t.is_alive()
         assert list(out) == ["journal"]
-        assert records(out["journal"]) == ({"body": "/b", "status": "200 OK"}, None, None)
+        assert records(out["journal"]) == (HeadRecord("200 OK", body="/b"), None)
     finally:
         follow.close()
         lead.release()
@@ -249,7 +247,7 @@ def test_wait_times_out(flights):
 def test_follower_body_streams_step_by_step(flights):
     lead = flights.lead("k")
     body_file, body_path = new_body(flights, lead)
-    lead.publish({"body": body_path})
+    lead.publish(HeadRecord("200 OK", body=body_path))
     follow = flights.follow("k")
     received = bytearray()
     cond = threading.Condition()
@@ -303,7 +301,7 @@ def test_follower_body_streams_step_by_step(flights):
 def test_body_ending_short_of_the_announced_size_raises(flights):
     lead = flights.lead("k")
     body_file, body_path = new_body(flights, lead)
-    lead.publish({"body": body_path})
+    lead.publish(HeadRecord("200 OK", body=body_path))
     follow = flights.follow("k")
     try:
         body_file.write(b"abc")
@@ -322,7 +320,7 @@ def test_body_ending_short_of_the_announced_size_raises(flights):
 def test_body_raises_leader_gone_on_f(flights):
     lead = flights.lead("k")
     body_file, body_path = new_body(flights, lead)
-    lead.publish({"body": body_path})
+    lead.publish(HeadRecord("200 OK", body=body_path))
     follow = flights.follow("k")
     got = bytearray()
     first = threading.Event()
@@ -390,7 +388,7 @@ def _lead_and_hang(root: str, key: str, publish: bool, conn) -> None:
     with open(body_path, "wb") as f:
         f.write(b"partial body")
     if publish:
-        lead.publish({"status": "200 OK", "body": body_path})
+        lead.publish(HeadRecord("200 OK", body=body_path))
     conn.send(("ready", body_path))
     conn.recv()  # never sent: we are SIGKILLed while blocked here
 
@@ -416,7 +414,7 @@ def test_killed_leader_is_detected_and_cleared(tmp_path, published):
         follow = flights.follow("k")
         assert follow is not None
         assert follow.leader_alive()
-        expected_head = {"status": "200 OK", "body": body_path} if published else None
+        expected_head = HeadRecord("200 OK", body=body_path) if published else None
         assert follow.settled().head == expected_head
         assert flights.orphans() == []
     finally:
@@ -472,3 +470,81 @@ def test_orphans_lists_only_unlocked_lock_files(flights):
     finally:
         live.release()
     assert os.listdir(flights.dir) == []
+
+
+# -- typed records: order, format, size ---------------------------------------
+
+def test_records_round_trip_and_carry_a_version():
+    for record in (LeaderRecord("ab12", 7), HeadRecord("200 OK", (("A", "1"),), 3, ("accept",), "v", "/p"),
+                   DoneRecord("00" * 32, 3), FailedRecord("upstream", "boom"), UncacheableRecord(500),
+                   RefreshedRecord("11" * 32, "v")):
+        line = encode_record(record)
+        assert line.endswith(b"\n") and b'"v":1' in line
+        assert decode_record(line[:-1]) == record
+
+
+@pytest.mark.parametrize("line", [b'D {"hash":"x","size":1,"v":2}', b'D {"hash":"x","size":1}', b"Q {}",
+                                  b'H {"status": "200', b'D {"hash":"x","v":1,"extra":1,"size":1}', b"D"])
+def test_other_versions_unknown_kinds_and_torn_lines_are_ignored(line):
+    assert decode_record(line) is None
+
+
+def test_lead_refuses_records_out_of_order(flights):
+    lead = flights.lead("k")
+    with pytest.raises(JournalOrderError):
+        lead.done("00" * 32, 1)  # Done before Head
+    lead.publish(HeadRecord("200 OK"))
+    with pytest.raises(JournalOrderError):
+        lead.publish(HeadRecord("200 OK"))  # a second Head
+    with pytest.raises(JournalOrderError):
+        lead.uncacheable(500)  # X after H
+    with pytest.raises(JournalOrderError):
+        lead.refreshed("00" * 32)  # R after H
+    lead.done("00" * 32, 1)
+    lead.fail("upstream")  # after a final record: nothing written, just released
+    assert not lead.active
+    with pytest.raises(TypeError):
+        flights.lead("k2").publish({"status": "200 OK"})
+
+
+def test_a_refreshed_flight_tells_its_followers(flights):
+    lead = flights.lead("k")
+    follow = flights.follow("k")
+    try:
+        lead.refreshed("22" * 32, "var")
+        assert not lead.active
+        assert follow.wait(later()).final == RefreshedRecord("22" * 32, "var")
+    finally:
+        follow.close()
+
+
+def test_a_head_record_of_any_size_is_read_whole(flights):
+    big = tuple((f"X-Header-{i}", "v" * 200) for i in range(10_000))  # over 2 MiB of fields
+    lead = flights.lead("k")
+    follow = flights.follow("k")
+    try:
+        lead.publish(HeadRecord("200 OK", big, body="/b"))
+        assert follow.wait(later()).head.headers == big
+    finally:
+        follow.close()
+        lead.release()
+
+
+def test_a_follower_reads_only_what_was_appended(flights, monkeypatch):
+    """Each poll costs the new bytes, not a re-read of the journal."""
+    lead = flights.lead("k")
+    follow = flights.follow("k")
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(off) or real_pread(fd, n, off))
+    try:
+        lead.publish(HeadRecord("200 OK", (("A", "x" * 5000),), body="/b"))
+        follow.journal()
+        size = os.stat(lead.path).st_size
+        reads.clear()
+        for _ in range(5):
+            follow.journal()  # nothing new
+        assert reads and all(off == size for off in reads)
+    finally:
+        follow.close()
+        lead.release()

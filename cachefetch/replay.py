@@ -1,0 +1,198 @@
+"""Answer from a stored response: the replay layer.
+
+``serve_blob_file`` answers GET and HEAD for one blob with its stored
+status and fields: a validator (the origin's ETag, or a strong one from the
+hash), the client's conditionals (304/412), a single byte ``Range``
+(206/416), and the body through ``wsgi.file_wrapper`` so gunicorn can
+``sendfile`` it. The decisions are :func:`cachefetch.policy.evaluate`'s.
+``serve_from_store`` (the seed's contract, also importable from
+:mod:`cachefetch.serve`) opens the blob first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterable, Iterator, Mapping
+
+from .policy.conditionals import Outcome, evaluate
+from .store import CAFS, Blob, BlobNotFound
+from .wsgi import StartResponse, WSGIEnviron, normalize_headers, plain_response  # noqa: F401  (re-exported)
+
+__all__ = ["ServeOptions", "serve_from_store", "serve_blob_file", "etag_for", "normalize_headers", "plain_response"]
+
+log = logging.getLogger("cachefetch.serve")  # the seed's logger name, kept for log configs
+
+_BLOCK_SIZE = 1 << 16
+_CONTENT_HEADERS = frozenset({"content-type", "content-length", "content-range", "accept-ranges", "etag"})
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How to describe a blob on the wire.
+
+    :param content_type: the ``Content-Type`` of every response body.
+    :param extra_headers: more headers for every answer (mapping or pairs);
+        ones that this module sets itself (Content-Type, Content-Length,
+        Content-Range, Accept-Ranges, ETag) are ignored there.
+    :param etag: the quoted ETag to send and match instead of the one made
+        from the hash (a cache replays the origin's own validator); a weak
+        one never satisfies ``If-Range``.
+    :param status: the status to answer a full GET with. Anything but 200 is
+        replayed as is: no Range, no 304.
+    :param last_modified: the stored ``Last-Modified`` (for
+        ``If-Modified-Since``, ``If-Unmodified-Since`` and a date ``If-Range``).
+    :param memory_limit: bodies of at most this many bytes are read and sent
+        from memory rather than through ``wsgi.file_wrapper``: for a small
+        body, setting up ``sendfile`` costs more than the copy it saves.
+    :raises TypeError, ValueError: as :func:`normalize_headers`, or for a
+        status that is not ``"NNN reason"``.
+    """
+
+    content_type: str = "application/octet-stream"
+    extra_headers: Mapping[str, str] | Iterable[tuple[str, str]] = field(default_factory=dict)
+    etag: str | None = None
+    status: str = "200 OK"
+    memory_limit: int = 0
+    last_modified: str | None = None
+
+    def __post_init__(self) -> None:
+        normalize_headers([("Content-Type", self.content_type)])
+        if self.etag is not None:
+            normalize_headers([("ETag", self.etag)])
+        if not isinstance(self.status, str) or len(self.status) < 5 or not self.status[:3].isdigit():
+            raise ValueError(f"status must look like '200 OK', got {self.status!r}")
+        if isinstance(self.memory_limit, bool) or not isinstance(self.memory_limit, int) or self.memory_limit < 0:
+            raise ValueError(f"memory_limit must be bytes >= 0, got {self.memory_limit!r}")
+        object.__setattr__(self, "extra_headers", normalize_headers(self.extra_headers))
+
+
+def etag_for(blob: Blob) -> str:
+    """The strong ETag (quoted) of a blob: its hex hash."""
+    return f'"{blob.hash.hex}"'
+
+
+class _FileRange:
+    """A file limited to ``length`` bytes from its current position.
+
+    Keeps ``fileno`` so gunicorn's file_wrapper can ``sendfile`` it (it sends
+    Content-Length bytes from the current offset); other servers ``read`` it.
+    """
+
+    __slots__ = ("_file", "_left")
+
+    def __init__(self, file: BinaryIO, length: int) -> None:
+        self._file = file
+        self._left = length
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        if size is None or size < 0 or size > self._left:
+            size = self._left
+        data = self._file.read(size)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _FileChunks:
+    """A ``_FileRange`` as a WSGI iterable; ``close()`` closes the file even
+    if iteration never started (a client that left before the body)."""
+
+    def __init__(self, file: _FileRange) -> None:
+        self._file = file
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self._file.read(_BLOCK_SIZE):
+            yield chunk
+        self._file.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def serve_from_store(environ: WSGIEnviron, start_response: StartResponse, store: CAFS,
+                     result: Blob, opts: ServeOptions | None = None) -> Iterable[bytes]:
+    """Answer the request in ``environ`` with blob ``result`` from ``store``.
+
+    GET gets the body (through ``wsgi.file_wrapper`` when the server offers
+    one); HEAD gets the same headers and no body; a matching ``If-None-Match``
+    (or an ``If-Modified-Since`` the stored ``Last-Modified`` satisfies) gets
+    304; a failing ``If-Match``/``If-Unmodified-Since`` 412; one satisfiable
+    byte ``Range`` gets 206 with ``Content-Range`` (honouring ``If-Range``),
+    an unsatisfiable one 416. A blob missing from
+    the store is logged and answered with 500.
+
+    :raises TypeError: if ``store`` is not a :class:`CAFS` or ``result`` not a
+        :class:`Blob`.
+    """
+    if not isinstance(store, CAFS):
+        raise TypeError(f"store must be a CAFS, not {type(store).__name__}")
+    if not isinstance(result, Blob):
+        raise TypeError(f"result must be a Blob/Result, not {type(result).__name__}")
+    try:
+        file = store.open(result.hash, buffered=False)
+    except BlobNotFound:
+        log.error("blob %s is in the index but not in the store %s", result.hash.hex, store.root)
+        return plain_response(start_response, "500 Internal Server Error", "cached object is missing from the store")
+    return serve_blob_file(environ, start_response, file, result, opts)
+
+
+def serve_blob_file(environ: WSGIEnviron, start_response: StartResponse, file: BinaryIO, result: Blob,
+                    opts: ServeOptions | None = None) -> Iterable[bytes]:
+    """:func:`serve_from_store` for a blob the caller has already opened.
+
+    Takes ownership of ``file``: it is closed when the response is done.
+    """
+    opts = opts or ServeOptions()
+    etag = opts.etag or etag_for(result)
+    extra = [(k, v) for k, v in opts.extra_headers if k.lower() not in _CONTENT_HEADERS]
+    replayed = opts.status.startswith("200")
+    validators = [("ETag", etag), ("Accept-Ranges", "bytes")] if replayed else [("ETag", etag)]
+    size = os.fstat(file.fileno()).st_size
+    if size != result.size:
+        log.warning("blob %s is %d bytes, its result says %d", result.hash.hex, size, result.size)
+
+    answer = evaluate(environ, status=int(opts.status[:3]), etag=etag, last_modified=opts.last_modified, size=size)
+    if answer.outcome is Outcome.NOT_MODIFIED:
+        file.close()
+        start_response("304 Not Modified", validators + extra)
+        return []
+    if answer.outcome is Outcome.PRECONDITION_FAILED:
+        file.close()
+        start_response("412 Precondition Failed", [("Content-Length", "0")] + validators + extra)
+        return []
+    if answer.outcome is Outcome.UNSATISFIABLE:
+        file.close()
+        start_response("416 Range Not Satisfiable",
+                       [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")] + validators + extra)
+        return []
+    headers = [("Content-Type", opts.content_type)]
+    if answer.outcome is Outcome.PARTIAL:
+        start, length = answer.start, answer.stop - answer.start
+        status = "206 Partial Content"
+        headers.append(("Content-Range", f"bytes {answer.start}-{answer.stop - 1}/{size}"))
+    else:
+        status, start, length = opts.status, 0, size
+    headers.append(("Content-Length", str(length)))
+    start_response(status, headers + validators + extra)
+
+    if environ.get("REQUEST_METHOD") == "HEAD":
+        file.close()
+        return []
+    if length <= opts.memory_limit:
+        with file:
+            return [os.pread(file.fileno(), length, start)]
+    if start:
+        file.seek(start)
+    body = _FileRange(file, length)
+    wrapper = environ.get("wsgi.file_wrapper")
+    if wrapper is not None:
+        return wrapper(body, _BLOCK_SIZE)
+    return _FileChunks(body)
