@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("stats", "show what the store holds and how it was used"),
                        ("verify", "re-hash every blob and check the index"),
-                       ("gc", "evict least recently used entries down to a size")):
+                       ("gc", "evict entries down to a size (S3-FIFO or LRU), purge expired ones")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--store", default=default_store_dir(), help="store directory (default: %(default)s)")
         if name == "stats":
@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "verify":
             p.add_argument("--repair", action="store_true", help="remove what is damaged")
         if name == "gc":
-            p.add_argument("--max-size", type=_size, required=True, help="target size, e.g. 20G")
+            from .eviction.policy import DEFAULT_POLICY, POLICIES
+
+            p.add_argument("--max-size", type=_size, required=True,
+                           help="target size, e.g. 20G (the index's own file counts)")
+            p.add_argument("--policy", choices=sorted(POLICIES), default=DEFAULT_POLICY,
+                           help="eviction order (default: %(default)s)")
     return parser
 
 
@@ -247,13 +252,12 @@ def _request_counts(store_dir: str) -> dict[str, float]:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .maintenance import store_usage
-
+    # The index's running totals: no walk of the store, whatever its size.
     store, index = _open(args.store, heal=False)  # stats only looks
-    entries, entry_bytes = index.totals()
-    blobs, blob_bytes = store_usage(store)
+    usage = index.usage()
     counts = _request_counts(store.root)
-    data = {"store": store.root, "entries": entries, "blobs": blobs, "bytes": blob_bytes,
+    data = {"store": store.root, "entries": usage.entries, "blobs": usage.blobs,
+            "bytes": usage.blob_bytes + usage.orphan_bytes, "index_bytes": usage.index_bytes + usage.wal_bytes,
             "hits": int(counts.get("hit", 0)), "misses": int(counts.get("miss", 0)),
             "collapsed": int(counts.get("collapsed", 0)), "stale": int(counts.get("stale", 0))}
     if args.json:
@@ -261,7 +265,7 @@ def _stats(args: argparse.Namespace) -> int:
         return 0
     width = max(map(len, data))
     for name, value in data.items():
-        shown = _human(value) if name == "bytes" else value
+        shown = _human(value) if name.endswith("bytes") else value
         print(f"{name:<{width}}  {shown}")
     return 0
 
@@ -309,9 +313,11 @@ def _gc(args: argparse.Namespace) -> int:
     from .maintenance import collect_garbage
 
     store, index = _open(args.store)
-    report = collect_garbage(store, index, args.max_size)
-    print(f"{_human(report.before)} -> {_human(report.after)}: "
-          f"{report.evicted_entries} entries evicted, {report.removed_blobs} blobs removed")
+    # By hand, walk the store too: it finds blobs a crash left without an entry.
+    report = collect_garbage(store, index, args.max_size, policy=args.policy, sweep=True)
+    print(f"{_human(report.before)} -> {_human(report.after)} ({report.policy}): "
+          f"{report.evicted_entries} entries evicted, {report.expired_entries} expired purged, "
+          f"{report.removed_blobs} blobs removed")
     return 0
 
 

@@ -8,6 +8,7 @@ backends implement :class:`Index`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -19,13 +20,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
+import blake3
+
+from .eviction.state import FREQ_CAP, MAIN, PENDING, SMALL, Item
 from .hashing import Hash
 from .logutil import warn_limited
 
 log = logging.getLogger("cachefetch.index")
 _T = TypeVar("_T")
 
-__all__ = ["Entry", "Index", "SQLiteIndex", "IndexUnavailable"]
+__all__ = ["Entry", "Index", "SQLiteIndex", "SQLiteQueues", "Usage", "ROW_WEIGHT", "IndexUnavailable"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,16 @@ class Index(Protocol):
         """Release resources held by this process."""
 
 
-_SCHEMA = """
+#: Schema version (``PRAGMA user_version``): 2 added running totals, blob
+#: reference counts and the eviction queues.
+_VERSION = 2
+#: What a row costs in its eviction queue besides its body: an estimate of an
+#: entry's own footprint in the index (key, headers and its index entries).
+#: It lets an entry whose blob is shared (every 404 shares one) weigh
+#: something; the size limit itself counts the index file as it really is.
+ROW_WEIGHT = 512
+
+_TABLES = f"""
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT NOT NULL,
     variant TEXT NOT NULL,
@@ -136,9 +149,122 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_hash ON entries(hash);
 """
+# Added by version 2 (to a version 1 table by ALTER TABLE, hence defaults).
+_QUEUE_COLUMNS = ("queue INTEGER NOT NULL DEFAULT 0", "seq INTEGER NOT NULL DEFAULT 0",
+                  "freq INTEGER NOT NULL DEFAULT 0")
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_V2 = f"""
+CREATE INDEX IF NOT EXISTS entries_last_used ON entries(last_used, key, variant);
+CREATE INDEX IF NOT EXISTS entries_queue ON entries(queue, seq);
+CREATE INDEX IF NOT EXISTS entries_expiry ON entries(expires_at) WHERE expires_at IS NOT NULL;
+-- One row per distinct blob the entries point at, refs = 0 once none does
+-- (the file is still there until gc removes it).
+CREATE TABLE IF NOT EXISTS blobs (
+    hash TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    refs INTEGER NOT NULL,
+    unreferenced_since REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_unreferenced ON blobs(unreferenced_since) WHERE refs = 0;
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    entries INTEGER NOT NULL,
+    blobs INTEGER NOT NULL,
+    blob_bytes INTEGER NOT NULL,
+    orphan_bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queues (
+    queue INTEGER PRIMARY KEY,
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ghost (
+    id INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    weight INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ghost_seq ON ghost(seq);
+CREATE TABLE IF NOT EXISTS eviction (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    next_seq INTEGER NOT NULL,
+    ghost_bytes INTEGER NOT NULL,
+    been_full INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO eviction VALUES (0, 1, 0, 0);
+INSERT OR IGNORE INTO queues VALUES ({PENDING}, 0, 0), ({SMALL}, 0, 0), ({MAIN}, 0, 0);
+"""
+# The running totals, kept in the same transaction as the change they count:
+# whoever writes an entry (any process, any code path) keeps them exact. (An
+# upsert, not INSERT OR IGNORE: in a trigger, the outer statement's conflict
+# policy overrides an OR clause.)
+_TRIGGERS = f"""
+CREATE TRIGGER IF NOT EXISTS entry_added AFTER INSERT ON entries BEGIN
+    INSERT INTO blobs VALUES (new.hash, new.size, 1, NULL)
+        ON CONFLICT (hash) DO UPDATE SET refs = refs + 1, unreferenced_since = NULL;
+    UPDATE totals SET entries = entries + 1;
+    UPDATE queues SET entries = entries + 1, bytes = bytes + new.size + {ROW_WEIGHT} WHERE queue = new.queue;
+END;
+CREATE TRIGGER IF NOT EXISTS entry_removed AFTER DELETE ON entries BEGIN
+    UPDATE blobs SET refs = refs - 1, unreferenced_since = {_NOW} WHERE hash = old.hash;
+    UPDATE totals SET entries = entries - 1;
+    UPDATE queues SET entries = entries - 1, bytes = bytes - old.size - {ROW_WEIGHT} WHERE queue = old.queue;
+END;
+CREATE TRIGGER IF NOT EXISTS entry_rehashed AFTER UPDATE OF hash ON entries
+WHEN old.hash IS NOT new.hash BEGIN
+    INSERT INTO blobs VALUES (new.hash, new.size, 1, NULL)
+        ON CONFLICT (hash) DO UPDATE SET refs = refs + 1, unreferenced_since = NULL;
+    UPDATE blobs SET refs = refs - 1, unreferenced_since = {_NOW} WHERE hash = old.hash;
+END;
+CREATE TRIGGER IF NOT EXISTS entry_requeued AFTER UPDATE OF queue, size ON entries
+WHEN old.queue IS NOT new.queue OR old.size IS NOT new.size BEGIN
+    UPDATE queues SET entries = entries - 1, bytes = bytes - old.size - {ROW_WEIGHT} WHERE queue = old.queue;
+    UPDATE queues SET entries = entries + 1, bytes = bytes + new.size + {ROW_WEIGHT} WHERE queue = new.queue;
+END;
+CREATE TRIGGER IF NOT EXISTS blob_added AFTER INSERT ON blobs BEGIN
+    UPDATE totals SET blobs = blobs + 1,
+        blob_bytes = blob_bytes + CASE WHEN new.refs > 0 THEN new.size ELSE 0 END,
+        orphan_bytes = orphan_bytes + CASE WHEN new.refs > 0 THEN 0 ELSE new.size END;
+END;
+CREATE TRIGGER IF NOT EXISTS blob_referenced AFTER UPDATE OF refs ON blobs
+WHEN old.refs <= 0 AND new.refs > 0 BEGIN
+    UPDATE totals SET blob_bytes = blob_bytes + new.size, orphan_bytes = orphan_bytes - new.size;
+END;
+CREATE TRIGGER IF NOT EXISTS blob_unreferenced AFTER UPDATE OF refs ON blobs
+WHEN old.refs > 0 AND new.refs <= 0 BEGIN
+    UPDATE totals SET blob_bytes = blob_bytes - new.size, orphan_bytes = orphan_bytes + new.size;
+END;
+CREATE TRIGGER IF NOT EXISTS blob_removed AFTER DELETE ON blobs BEGIN
+    UPDATE totals SET blobs = blobs - 1,
+        blob_bytes = blob_bytes - CASE WHEN old.refs > 0 THEN old.size ELSE 0 END,
+        orphan_bytes = orphan_bytes - CASE WHEN old.refs > 0 THEN 0 ELSE old.size END;
+END;
+CREATE TRIGGER IF NOT EXISTS ghost_added AFTER INSERT ON ghost BEGIN
+    UPDATE eviction SET ghost_bytes = ghost_bytes + new.weight;
+END;
+CREATE TRIGGER IF NOT EXISTS ghost_removed AFTER DELETE ON ghost BEGIN
+    UPDATE eviction SET ghost_bytes = ghost_bytes - old.weight;
+END;
+"""
+# A version 1 index gets its counts from one pass over its rows, once.
+_BACKFILL = f"""
+INSERT OR IGNORE INTO blobs (hash, size, refs)
+    SELECT hash, MAX(size), COUNT(*) FROM entries GROUP BY hash;
+INSERT OR REPLACE INTO totals
+    SELECT 0, (SELECT COUNT(*) FROM entries), COUNT(*), COALESCE(SUM(size), 0), 0 FROM blobs;
+INSERT OR REPLACE INTO queues
+    SELECT {PENDING}, COUNT(*), COALESCE(SUM(size + {ROW_WEIGHT}), 0) FROM entries;
+"""
 _GENERATION_SIZE = 16
 _MEMO_SLOTS = 4096
 _COLUMNS = "key, variant, hash, size, status, headers, stored_at, expires_at, vary, initial_age"
+_ITEM_COLUMNS = "key, variant, size, queue, freq, last_used, hash"
+_UPSERT = (f"INSERT INTO entries ({_COLUMNS}, last_used) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+           "ON CONFLICT (key, variant) DO UPDATE SET hash = excluded.hash, size = excluded.size, "
+           "status = excluded.status, headers = excluded.headers, stored_at = excluded.stored_at, "
+           "expires_at = excluded.expires_at, vary = excluded.vary, initial_age = excluded.initial_age, "
+           "last_used = excluded.last_used")
+# A use: the last-use time for LRU, one more use (at most FREQ_CAP) for S3-FIFO.
+_TOUCH = f"UPDATE entries SET last_used = ?, freq = MIN(freq + 1, {FREQ_CAP}) WHERE key = ? AND variant = ?"
 
 
 def _healing(method: Callable[..., _T]) -> Callable[..., _T]:
@@ -176,24 +302,40 @@ def _entry(row: tuple) -> Entry:
                  tuple(json.loads(vary)), initial_age)
 
 
-def _set_journal(db: sqlite3.Connection, timeout: float) -> None:
-    """Use a rollback journal (``TRUNCATE``), not WAL: WAL maps its ``-shm``
-    file into memory, and a store that turns read-only or vanishes under a
-    mapping kills the process with SIGBUS, which no handler survives. While
-    another process creates or converts the database SQLite can answer "locked"
-    at once: retry until ``timeout``, then go on in the mode the file has."""
+def _item(row: tuple) -> Item:
+    key, variant, size, queue, freq, last_used, hexhash = row
+    return Item((key, variant), size + ROW_WEIGHT, queue, freq, last_used, Hash.from_hex(hexhash))
+
+
+def _retry_locked(db: sqlite3.Connection, timeout: float, step) -> None:
+    """Run ``step(db)``. While another process creates the database or
+    switches its journal mode, SQLite can answer "database is locked" at once,
+    without waiting for the busy timeout: retry until ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            db.execute("PRAGMA journal_mode=TRUNCATE")
+            step(db)
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc):
                 raise
             if time.monotonic() >= deadline:
-                log.warning("could not switch %s to a rollback journal (in use): %s", db, exc)
-                return
+                raise
             time.sleep(0.01)
+
+
+def _set_journal(db: sqlite3.Connection, timeout: float) -> None:
+    """Use a rollback journal (``TRUNCATE``), not WAL: WAL maps its ``-shm``
+    file into memory, and a store that turns read-only or vanishes under a
+    mapping kills the process with SIGBUS, which no handler survives. If
+    another process holds the file open in WAL mode (an index from before this
+    change), go on in WAL until every process has reopened it."""
+    try:
+        _retry_locked(db, timeout, lambda d: d.execute("PRAGMA journal_mode=TRUNCATE"))
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+        log.warning("could not switch %s to a rollback journal (in use): %s", db, exc)
 
 
 class IndexUnavailable(Exception):
@@ -217,18 +359,91 @@ def _quarantine(path: str) -> str | None:
     return aside
 
 
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run each statement of ``script`` inside the caller's transaction
+    (``executescript`` would commit it)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            db.execute(statement)
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"incomplete SQL: {statement!r:.80}")
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring the schema to :data:`_VERSION`, once, whoever gets there first."""
+    if db.execute("PRAGMA user_version").fetchone()[0] == _VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > _VERSION:
+            raise sqlite3.DatabaseError(f"index schema version {version} is newer than this cachefetch's "
+                                        f"({_VERSION})")
+        if version < _VERSION:
+            fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is None
+            _run_script(db, _TABLES)
+            have = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+            for column in _QUEUE_COLUMNS:
+                if column.split()[0] not in have:
+                    db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
+            _run_script(db, _V2)
+            db.execute("INSERT OR IGNORE INTO totals VALUES (0, 0, 0, 0, 0)")
+            if not fresh:
+                _run_script(db, _BACKFILL)
+            _run_script(db, _TRIGGERS)
+            db.execute(f"PRAGMA user_version = {_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a store's index accounts for, read in O(1).
+
+    :param entries: rows.
+    :param blobs: distinct blobs the index knows (referenced or not yet removed).
+    :param blob_bytes: bytes of the distinct blobs some entry points at, each
+        counted once however many entries share it.
+    :param orphan_bytes: bytes of blobs no entry points at any more whose
+        files gc has not removed yet.
+    :param index_bytes: the database's pages in use (free pages are space
+        SQLite reuses, or gives back: see :meth:`SQLiteIndex.compact`).
+    :param wal_bytes: the size of its ``-wal`` file.
+    """
+
+    entries: int
+    blobs: int
+    blob_bytes: int
+    orphan_bytes: int
+    index_bytes: int
+    wal_bytes: int
+
+    @property
+    def total(self) -> int:
+        """Bytes the store takes on disk as far as the index knows."""
+        return self.blob_bytes + self.orphan_bytes + self.index_bytes + self.wal_bytes
+
+
 class SQLiteIndex:
     """An :class:`Index` in one SQLite database (rollback journal, see
     :func:`_set_journal`).
 
     Each thread of each process gets its own connection (SQLite connections
-    must not cross threads or a ``fork``). The index heals: a connection that
-    fails is dropped and reopened on the next call; once a second each
-    connection checks that the database file is still the one it opened (a
-    store directory deleted and recreated gets a new, empty index); a database
-    that is not one (damaged) is moved aside to ``<path>.damaged-<time>`` and
-    rebuilt empty, at start and whenever an operation finds it so. Failures
-    reach callers as :class:`IndexUnavailable`.
+    must not cross threads or a ``fork``). Triggers keep running totals
+    (:meth:`usage`), blob reference counts and the eviction queues' sizes in
+    the same transaction as every change, so they stay exact across processes.
+
+    The index heals: a connection that fails is dropped and reopened on the
+    next call; once a second each connection checks that the database file is
+    still the one it opened (a store directory deleted and recreated gets a
+    new, empty index); a database that is not one (damaged) is moved aside to
+    ``<path>.damaged-<time>`` and rebuilt empty, at start and whenever an
+    operation finds it so. Failures reach callers as :class:`IndexUnavailable`.
 
     ``get`` answers hot keys from a per-process memo, which is dropped
     whenever any process changes the index: every ``put`` and ``delete``
@@ -279,9 +494,13 @@ class SQLiteIndex:
         db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
                              check_same_thread=True)
         try:
+            # Only takes effect on a new database (before its first table):
+            # then deleted rows give their pages back to the file system.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             _set_journal(db, self._busy_timeout)
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+            _retry_locked(db, self._busy_timeout, _migrate)
         except BaseException:
             db.close()
             raise
@@ -328,6 +547,7 @@ class SQLiteIndex:
         warn_limited(log, "index", "the index %s is unavailable: %s", self.path, exc)
         return IndexUnavailable(f"{self.path}: {exc}")
 
+
     def _generation_fd(self) -> int:
         local = self._local
         if getattr(local, "gen_pid", None) != os.getpid():  # like connections: per thread, per process
@@ -366,11 +586,12 @@ class SQLiteIndex:
 
     @_healing
     def put(self, entry: Entry) -> None:
-        """Store ``entry``, replacing the one with the same key and variant."""
+        """Store ``entry``, replacing the one with the same key and variant
+        (which keeps its place in the eviction queues)."""
         if not isinstance(entry, Entry):
             raise TypeError(f"put takes an Entry, not {type(entry).__name__}")
         self._connect().execute(
-            f"INSERT OR REPLACE INTO entries ({_COLUMNS}, last_used) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            _UPSERT,
             (entry.key, entry.variant, entry.hash.hex, entry.size, entry.status,
              json.dumps(entry.headers), entry.stored_at, entry.expires_at,
              json.dumps(entry.vary), entry.initial_age, time.time()))
@@ -396,9 +617,9 @@ class SQLiteIndex:
 
     @_healing
     def touch(self, key: str, variant: str, when: float | None = None) -> None:
-        """Record a use of an entry."""
-        self._connect().execute("UPDATE entries SET last_used = ? WHERE key = ? AND variant = ?",
-                                (time.time() if when is None else when, key, variant))
+        """Record a use of an entry: its last use, and one more use counted
+        (up to three) for S3-FIFO."""
+        self._connect().execute(_TOUCH, (time.time() if when is None else when, key, variant))
 
     @_healing
     def __iter__(self) -> Iterator[Entry]:
@@ -408,37 +629,136 @@ class SQLiteIndex:
 
     @_healing
     def totals(self) -> tuple[int, int]:
-        """``(entries, bytes of the distinct blobs they point at)``."""
-        db = self._connect()
-        entries = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-        size = db.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT hash, size FROM entries)").fetchone()[0]
+        """``(entries, bytes of the distinct blobs they point at)``, in O(1)."""
+        entries, size = self._connect().execute("SELECT entries, blob_bytes FROM totals").fetchone()
         return entries, size
 
     @_healing
+    def usage(self) -> Usage:
+        """The running totals and the index's own size, in O(1) (no walk of
+        the table or of the store)."""
+        db = self._connect()
+        entries, blobs, blob_bytes, orphan_bytes = db.execute(
+            "SELECT entries, blobs, blob_bytes, orphan_bytes FROM totals").fetchone()
+        # Not counting free pages keeps an index whose file cannot shrink
+        # (made before auto_vacuum) from looking over its size for ever.
+        pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            wal = os.stat(self.path + "-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        return Usage(entries, blobs, blob_bytes, orphan_bytes, pages * self._page_size(db), wal)
+
+    def _page_size(self, db: sqlite3.Connection) -> int:
+        size = getattr(self._local, "page_size", None)
+        if size is None:
+            size = self._local.page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        return size
+
     def least_recently_used(self, limit: int = 1000, used_before: float | None = None,
-                            offset: int = 0) -> list[Entry]:
-        """Up to ``limit`` entries, least recently used first (only those last
-        used before ``used_before``, if given), after skipping ``offset``."""
+                            after: tuple[float, str, str] | None = None) -> list[Entry]:
+        """Up to ``limit`` entries, least recently used first: only those last
+        used before ``used_before`` if given, and only those after the
+        ``(last_used, key, variant)`` position ``after`` (keyset paging: each
+        page costs the same however deep)."""
         rows = self._connect().execute(
-            f"SELECT {_COLUMNS} FROM entries WHERE last_used < ? ORDER BY last_used ASC, key, variant "
-            "LIMIT ? OFFSET ?",
-            (float("inf") if used_before is None else used_before, limit, offset)).fetchall()
+            f"SELECT {_COLUMNS} FROM entries WHERE last_used < ? AND (last_used, key, variant) > (?, ?, ?) "
+            "ORDER BY last_used, key, variant LIMIT ?",
+            (float("inf") if used_before is None else used_before, *(after or (float("-inf"), "", "")),
+             limit)).fetchall()
         return [_entry(r) for r in rows]
 
     @_healing
     def touch_many(self, uses: dict[tuple[str, str], float]) -> None:
-        """Record many uses at once: ``{(key, variant): when}``."""
-        self._connect().executemany("UPDATE entries SET last_used = ? WHERE key = ? AND variant = ?",
-                                    [(when, key, variant) for (key, variant), when in uses.items()])
+        """Record many uses at once: ``{(key, variant): when}``, each as :meth:`touch`."""
+        db = self._connect()
+        # IMMEDIATE: a deferred transaction that turns into a writer after
+        # another process committed fails at once instead of waiting its turn.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_TOUCH, [(when, key, variant) for (key, variant), when in uses.items()])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     @_healing
     def referenced(self, h: Hash) -> bool:
         """Whether any entry points at blob ``h``."""
-        return self._connect().execute("SELECT 1 FROM entries WHERE hash = ? LIMIT 1", (h.hex,)).fetchone() is not None
+        row = self._connect().execute("SELECT refs FROM blobs WHERE hash = ?", (h.hex,)).fetchone()
+        return row is not None and row[0] > 0
+
+    def known(self, h: Hash) -> bool:
+        """Whether the index accounts for blob ``h`` (referenced, or
+        unreferenced and counted until :meth:`forget_blob`)."""
+        return self._connect().execute("SELECT 1 FROM blobs WHERE hash = ?", (h.hex,)).fetchone() is not None
+
+    def unreferenced_blobs(self, before: float, limit: int = 1000) -> list[tuple[Hash, int]]:
+        """``(hash, size)`` of up to ``limit`` blobs no entry has pointed at
+        since before ``before``, longest unreferenced first."""
+        rows = self._connect().execute(
+            "SELECT hash, size FROM blobs WHERE refs = 0 AND unreferenced_since < ? "
+            "ORDER BY unreferenced_since LIMIT ?", (before, limit)).fetchall()
+        return [(Hash.from_hex(h), size) for h, size in rows]
+
+    def blob_hashes(self) -> Iterator[Hash]:
+        """Every blob some entry points at, each once (a snapshot)."""
+        rows = self._connect().execute("SELECT hash FROM blobs WHERE refs > 0").fetchall()
+        return (Hash.from_hex(h) for (h,) in rows)
+
+    def keys_for(self, h: Hash) -> list[tuple[str, str]]:
+        """``(key, variant)`` of every entry pointing at blob ``h``."""
+        return self._connect().execute("SELECT key, variant FROM entries WHERE hash = ?", (h.hex,)).fetchall()
+
+    def forget_blob(self, h: Hash) -> bool:
+        """Stop counting blob ``h`` (its file is gone), unless an entry points
+        at it again; returns whether it was forgotten."""
+        return self._connect().execute("DELETE FROM blobs WHERE hash = ? AND refs <= 0", (h.hex,)).rowcount > 0
+
+    def purge_expired(self, before: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` entries that expired before ``before``
+        (pick it past any stale window the server still serves from);
+        returns how many went. Their blobs become unreferenced, for gc."""
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        gone = self._connect().execute(
+            "DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries WHERE expires_at < ? "
+            "ORDER BY expires_at LIMIT ?)", (before, limit)).rowcount
+        if gone:
+            self._changed()
+        return gone
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run the block as one write transaction on this thread's connection
+        (taken at once, so reads inside see what the writes will change)."""
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def queues(self) -> "SQLiteQueues":
+        """The eviction queues of this index, on this thread's connection."""
+        return SQLiteQueues(self)
+
+    def compact(self) -> None:
+        """Give the database's free pages back to the file system (an index
+        created before auto_vacuum keeps them for reuse instead), and
+        checkpoint the ``-wal`` without waiting for readers (the next writer
+        then cuts it back to 4 MiB)."""
+        db = self._connect()
+        # Each step of incremental_vacuum frees one page, and execute() steps a
+        # statement without result columns once: executescript steps to the end.
+        db.executescript("PRAGMA incremental_vacuum;")
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @_healing
     def __len__(self) -> int:
-        return self._connect().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return self.totals()[0]
 
     def close(self) -> None:
         """Close this thread's connection and generation file."""
@@ -449,3 +769,91 @@ class SQLiteIndex:
         if getattr(local, "gen_pid", None) == os.getpid():
             os.close(local.gen_fd)
         self._local = threading.local()
+
+
+_WAL_LIMIT = 4 << 20
+
+
+def _ghost_id(key: str, variant: str) -> int:
+    """A stable 63-bit name for an evicted entry (the ghost keeps no keys:
+    junk keys can be long)."""
+    digest = blake3.blake3(f"{key}\0{variant}".encode("utf-8", "surrogatepass")).digest(8)
+    return int.from_bytes(digest, "big") >> 1
+
+
+class SQLiteQueues:
+    """:class:`~cachefetch.eviction.state.QueueState` over a
+    :class:`SQLiteIndex`: queue, place and use count are columns of the
+    entries, the ghost a table of hashed ids; one state for every worker on
+    the store, kept across restarts.
+
+    Use it from one thread, inside :meth:`SQLiteIndex.transaction` (places in
+    the queues are numbered from a counter read once per transaction).
+    Removing an item deletes its entry.
+    """
+
+    def __init__(self, index: SQLiteIndex) -> None:
+        self._index = index
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._index._connect()
+
+    def _next_seq(self) -> int:
+        db = self._db
+        if not db.in_transaction:
+            raise RuntimeError("SQLiteQueues must be used inside SQLiteIndex.transaction()")
+        return db.execute("UPDATE eviction SET next_seq = next_seq + 1 RETURNING next_seq - 1").fetchone()[0]
+
+    def pending(self, limit: int) -> list[Item]:
+        # seq is 0 until admitted: rowid (put order) decides among them.
+        rows = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM entries WHERE queue = {PENDING} "
+                                "ORDER BY seq, rowid LIMIT ?", (limit,)).fetchall()
+        return [_item(r) for r in rows]
+
+    def head(self, queue: int) -> Item | None:
+        row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM entries WHERE queue = ? ORDER BY seq LIMIT 1",
+                               (queue,)).fetchone()
+        return None if row is None else _item(row)
+
+    def push(self, item: Item, queue: int, freq: int) -> None:
+        key, variant = item.id
+        self._db.execute("UPDATE entries SET queue = ?, seq = ?, freq = ? WHERE key = ? AND variant = ?",
+                         (queue, self._next_seq(), freq, key, variant))
+
+    def remove(self, item: Item) -> None:
+        self._index.delete(*item.id)
+
+    def queue_bytes(self, queue: int) -> int:
+        return self._db.execute("SELECT bytes FROM queues WHERE queue = ?", (queue,)).fetchone()[0]
+
+    def queue_len(self, queue: int) -> int:
+        return self._db.execute("SELECT entries FROM queues WHERE queue = ?", (queue,)).fetchone()[0]
+
+    def least_recently_used(self, after: Item | None, limit: int) -> list[Item]:
+        cursor = (float("-inf"), "", "") if after is None else (after.last_used, *after.id)
+        rows = self._db.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM entries WHERE (last_used, key, variant) > (?, ?, ?) "
+            "ORDER BY last_used, key, variant LIMIT ?", (*cursor, limit)).fetchall()
+        return [_item(r) for r in rows]
+
+    def ghost_add(self, item: Item) -> None:
+        self.ghost_take(item)  # not INSERT OR REPLACE: its delete would skip the ghost_removed trigger
+        self._db.execute("INSERT INTO ghost VALUES (?, ?, ?)",
+                         (_ghost_id(*item.id), self._next_seq(), item.weight))
+
+    def ghost_take(self, item: Item) -> bool:
+        return self._db.execute("DELETE FROM ghost WHERE id = ?", (_ghost_id(*item.id),)).rowcount > 0
+
+    def ghost_bytes(self) -> int:
+        return self._db.execute("SELECT ghost_bytes FROM eviction").fetchone()[0]
+
+    def ghost_drop_oldest(self) -> bool:
+        return self._db.execute(
+            "DELETE FROM ghost WHERE id = (SELECT id FROM ghost ORDER BY seq LIMIT 1)").rowcount > 0
+
+    def been_full(self) -> bool:
+        return bool(self._db.execute("SELECT been_full FROM eviction").fetchone()[0])
+
+    def mark_full(self) -> None:
+        self._db.execute("UPDATE eviction SET been_full = 1 WHERE been_full = 0")

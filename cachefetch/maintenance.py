@@ -2,7 +2,10 @@
 
 These run beside live servers: every step is one rename, unlink or index row,
 and nothing that a live fetch owns (its locked journal, its temp files) is
-touched.
+touched. A pass of the size limit costs what changed since the last one: the
+index keeps the store's totals as it goes (no walk of ``blobs/``), the
+eviction policy reads its queues through indexes, and expired or
+unreferenced rows are found through indexes too.
 """
 from __future__ import annotations
 
@@ -13,21 +16,28 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
+from .eviction import make_policy
+from .eviction.policy import DEFAULT_POLICY, Policy
+from .eviction.state import Item
 from .hashing import Hash
-from .index import SQLiteIndex
 from .flights import Flights
+from .index import SQLiteIndex, Usage
 from .store import CAFS
 
 __all__ = ["VerifyReport", "verify_store", "GCReport", "collect_garbage", "parse_size", "SizeLimiter",
-           "store_usage", "open_blobs", "clear_orphans"]
+           "store_usage", "open_blobs", "clear_orphans", "sweep_blobs", "STALE_WINDOW", "DEFAULT_POLICY"]
 
 log = logging.getLogger("cachefetch.maintenance")
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
 _FLIGHT_TEMP = re.compile(r"cf-([0-9a-f]{16})-.*\.part")
+#: Entries expired longer ago than this are purged: past the proxy's default
+#: ``stale_if_error`` (a week), nothing serves them any more.
+STALE_WINDOW = 7 * 86400.0
+_BATCH = 256
 
 
 def parse_size(text: str) -> int:
@@ -106,17 +116,19 @@ def verify_store(store: CAFS, index: SQLiteIndex, repair: bool = False,
     if repair:
         for h in report.corrupt_blobs:
             index.delete_hash(h)
-    for entry in index:
-        if not store.exists(entry.hash):
-            report.missing_blob_entries.append((entry.key, entry.variant, entry.hash))
+    for h in index.blob_hashes():  # one look per distinct blob, not per entry
+        if not store.exists(h):
+            report.missing_blob_entries.extend((key, variant, h) for key, variant in index.keys_for(h))
             if repair:
-                index.delete(entry.key, entry.variant)
+                index.delete_hash(h)
+                index.forget_blob(h)
     report.orphan_files = clear_orphans(store)
     return report
 
 
 def store_usage(store: CAFS) -> tuple[int, int]:
-    """``(blobs, bytes)`` on disk now."""
+    """``(blobs, bytes)`` on disk now, by walking the store (O(blobs): for
+    checks and tests; the size limit reads :meth:`SQLiteIndex.usage`)."""
     count = size = 0
     for h in store:
         try:
@@ -129,12 +141,17 @@ def store_usage(store: CAFS) -> tuple[int, int]:
 
 @dataclass
 class GCReport:
-    """What :func:`collect_garbage` removed."""
+    """What :func:`collect_garbage` did. ``before`` and ``after`` are the
+    store's bytes as :meth:`SQLiteIndex.usage` counts them (distinct blobs,
+    blobs not yet removed, the index's own pages and ``-wal``)."""
 
     before: int = 0
     after: int = 0
     evicted_entries: int = 0
     removed_blobs: int = 0
+    expired_entries: int = 0
+    admitted_entries: int = 0
+    policy: str = DEFAULT_POLICY
 
 
 def open_blobs(store: CAFS) -> set[str]:
@@ -165,92 +182,223 @@ def open_blobs(store: CAFS) -> set[str]:
     return held
 
 
-def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int, *, grace: float = 600.0,
-                    protect: float = 60.0) -> GCReport:
-    """Evict until the blobs take at most ``max_size`` bytes.
+def _unlink_blob(store: CAFS, index: SQLiteIndex, h: Hash) -> bool:
+    """Remove the file of a blob no entry points at, and stop counting it."""
+    if index.referenced(h):
+        return False
+    removed = store.delete(h)
+    index.forget_blob(h)
+    return removed
 
-    First blobs no entry points at, once older than ``grace`` seconds (a
-    younger one may be a commit whose entry is about to be written); then
-    entries least recently used first, removing each blob no entry points at
-    any more. Never evicted: entries used in the last ``protect`` seconds, and
-    blobs a process has open (being served) with the entries pointing at them.
 
-    :raises ValueError: if ``max_size`` is negative.
-    """
-    if max_size < 0:
-        raise ValueError("max_size must be >= 0")
-    report = GCReport()
-    sizes = {}
+def _unlink_blobs(store: CAFS, index: SQLiteIndex, hashes: set[Hash]) -> int:
+    """:func:`_unlink_blob` for many, forgotten in one transaction, then
+    their files removed (a crash in between leaves files for the sweep)."""
+    with index.transaction():
+        gone = [h for h in hashes if index.forget_blob(h)]
+    return sum(store.delete(h) for h in gone)
+
+
+def sweep_blobs(store: CAFS, index: SQLiteIndex, *, grace: float = 600.0) -> int:
+    """Remove blob files the index does not know, once older than ``grace``
+    seconds (a younger one may be a commit whose entry is about to be
+    written), unless a process has one open. A walk of the whole store:
+    leftovers of a crash between commit and entry, or of an index rebuilt
+    empty, are found no other way. Returns how many went."""
+    if grace < 0:
+        raise ValueError("grace must be >= 0")
+    cutoff = time.time() - grace
+    busy: set[str] | None = None
+    removed = 0
     for h in store:
+        if index.known(h):
+            continue
+        path = store.path(h)
         try:
-            st = os.stat(store.path(h))
+            if os.stat(path).st_mtime > cutoff:
+                continue
         except FileNotFoundError:
             continue
-        sizes[h] = (st.st_size, st.st_mtime)
-    total = report.before = sum(s for s, _ in sizes.values())
-    busy = open_blobs(store)
+        if busy is None:
+            busy = open_blobs(store)
+        if path not in busy and not index.known(h) and store.delete(h):
+            removed += 1
+    return removed
+
+
+def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int | None, *, grace: float = 600.0,
+                    protect: float = 60.0, policy: str = DEFAULT_POLICY, stale_window: float = STALE_WINDOW,
+                    sweep: bool = False) -> GCReport:
+    """One pass of upkeep; evicts until the store takes at most ``max_size``
+    bytes as :meth:`SQLiteIndex.usage` counts them (the index's own file
+    included, so rows count against the size too).
+
+    In order: purge entries expired more than ``stale_window`` seconds ago;
+    let ``policy`` (``"s3fifo"`` or ``"lru"``) admit the entries stored since
+    the last pass (only with a ``max_size``: admission is relative to it); remove blobs no entry has pointed at for ``grace`` seconds
+    (and, with ``sweep``, blob files the index does not know: a walk of the
+    store); then, if still over ``max_size`` (``None``: no limit), evict
+    entries in the policy's order, removing each blob no entry points at any
+    more. Never evicted: entries used in the last ``protect`` seconds, and
+    blobs a process has open (being served) with the entries pointing at them.
+    Without anything to do, a pass costs a few index lookups, whatever the
+    store's size.
+
+    :raises ValueError: on a negative ``max_size``, ``grace``, ``protect`` or
+        ``stale_window``, or an unknown policy.
+    """
+    if max_size is not None and max_size < 0:
+        raise ValueError("max_size must be >= 0")
+    if grace < 0 or protect < 0 or stale_window < 0:
+        raise ValueError("grace, protect and stale_window must be >= 0")
+    evictor = make_policy(policy, max_size or 0)
+    report = GCReport(policy=policy)
     now = time.time()
-    for h, (size, mtime) in sizes.items():
-        if total <= max_size:
+    report.before = index.usage().total
+
+    while (n := index.purge_expired(now - stale_window, 1000)) > 0:
+        report.expired_entries += n
+    # Admission places entries relative to the size (S3-FIFO's small queue is
+    # a share of it): without one there is nothing to place them for.
+    queues = index.queues()
+    while max_size is not None:
+        with index.transaction():
+            pending = queues.pending(_BATCH)
+            for item in pending:
+                evictor.admit(queues, item)
+        report.admitted_entries += len(pending)
+        if len(pending) < _BATCH:
             break
-        if now - mtime > grace and store.path(h) not in busy and not index.referenced(h):
-            if store.delete(h):
-                total -= size
-                report.removed_blobs += 1
-    kept = 0  # busy entries stay at the front of the LRU order: skip past them
-    while total > max_size:
-        batch = index.least_recently_used(256, used_before=now - protect, offset=kept)
-        if not batch:
-            break
-        for entry in batch:
-            if total <= max_size:
-                break
-            if store.path(entry.hash) in busy:
-                kept += 1
-                continue
-            index.delete(entry.key, entry.variant)
-            report.evicted_entries += 1
-            if not index.referenced(entry.hash) and store.delete(entry.hash):
-                total -= sizes.get(entry.hash, (entry.size, 0))[0]
-                report.removed_blobs += 1
-    report.after = total
+
+    busy: set[str] | None = None
+    for h, _size in _all_unreferenced(index, now - grace):
+        if busy is None:
+            busy = open_blobs(store)
+        if store.path(h) not in busy and _unlink_blob(store, index, h):
+            report.removed_blobs += 1
+    if sweep:
+        report.removed_blobs += sweep_blobs(store, index, grace=grace)
+
+    usage = index.usage()
+    if max_size is not None and usage.total > max_size:
+        report.evicted_entries, removed = _evict(store, index, evictor, max_size, now - protect, usage)
+        report.removed_blobs += removed
+    if report.evicted_entries or report.expired_entries or report.removed_blobs:
+        index.compact()
+    report.after = index.usage().total
     return report
 
 
+def _all_unreferenced(index: SQLiteIndex, before: float) -> Iterator[tuple[Hash, int]]:
+    while batch := index.unreferenced_blobs(before, 1000):
+        yield from batch
+        if len(batch) < 1000:
+            return
+
+
+def _evict(store: CAFS, index: SQLiteIndex, evictor: Policy, max_size: int, protect_from: float,
+           usage: Usage) -> tuple[int, int]:
+    """Evict in ``evictor``'s order until under ``max_size``, in transactions
+    of a few hundred entries, each followed by the removal of the blobs it
+    left unreferenced. Returns ``(entries evicted, blobs removed)``."""
+    busy = open_blobs(store)
+    # Within the pass: blobs left unreferenced by this pass count as gone
+    # (their files go after each transaction), the -wal as it was at the start.
+    kept_orphans, wal = usage.orphan_bytes, usage.wal_bytes
+
+    def can_evict(item: Item) -> bool:
+        return store.path(item.blob) not in busy
+
+    def excess() -> int:
+        u = index.usage()
+        return u.blob_bytes + kept_orphans + u.index_bytes + wal - max_size
+
+    queues = index.queues()
+    victims = evictor.victims(queues, can_evict=can_evict, protect_from=protect_from)
+    evicted = removed = 0
+    while True:
+        batch: list[Item] = []
+        with index.transaction():
+            # Measuring costs a few statements: it is done again only once
+            # the victims' weights cover what was over at the last look
+            # (a row frees its page only when the page empties, so a weight
+            # can promise more than it frees, never much less).
+            left = 0
+            for victim in victims:
+                batch.append(victim)
+                left -= victim.weight
+                if len(batch) >= _BATCH:
+                    break
+                if left <= 0:
+                    left = excess()
+                    if left <= 0:
+                        break
+        evicted += len(batch)
+        removed += _unlink_blobs(store, index, {v.blob for v in batch})
+        if len(batch) < _BATCH or excess() <= 0:
+            return evicted, removed
+
+
 class SizeLimiter:
-    """Keeps a live store under ``max_size`` from a background thread.
+    """Keeps a live store under ``max_size`` from a background thread: a
+    :func:`collect_garbage` pass every ``interval`` seconds, with a sweep of
+    the whole store every ``sweep_interval`` seconds (the first pass
+    included).
 
     Every worker may run one; a lock file next to the store lets one of them
-    collect at a time.
+    collect at a time. The thread runs only this; it logs what it evicted.
+
+    :raises ValueError: on a negative ``max_size``, a non-positive interval or
+        an unknown policy.
     """
 
-    def __init__(self, store: CAFS, index: SQLiteIndex, max_size: int, interval: float = 30.0) -> None:
-        if max_size < 0 or interval <= 0:
-            raise ValueError("max_size must be >= 0 and interval > 0")
+    def __init__(self, store: CAFS, index: SQLiteIndex, max_size: int, interval: float = 30.0, *,
+                 policy: str = DEFAULT_POLICY, stale_window: float = STALE_WINDOW,
+                 sweep_interval: float = 86400.0) -> None:
+        if max_size < 0 or interval <= 0 or sweep_interval <= 0:
+            raise ValueError("max_size must be >= 0 and interval, sweep_interval > 0")
+        make_policy(policy, max_size)  # reject an unknown name here, not in the thread
+        if stale_window < 0:
+            raise ValueError("stale_window must be >= 0")
         self.store, self.index, self.max_size, self.interval = store, index, max_size, interval
+        self.policy, self.stale_window, self.sweep_interval = policy, stale_window, sweep_interval
+        self._last_sweep = float("-inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cachefetch-gc", daemon=True)
 
     def start(self) -> None:
+        """Start the background thread."""
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread and wait for it (at most the pass it is in)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
 
-    def _run(self) -> None:
+    def check(self) -> GCReport | None:
+        """One pass now, unless another collector holds the store's lock
+        (then ``None``). Runs in the caller's thread."""
         lock_path = os.path.join(self.store.root, "gc.lock")
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            sweep = time.monotonic() - self._last_sweep >= self.sweep_interval
+            report = collect_garbage(self.store, self.index, self.max_size, policy=self.policy,
+                                     stale_window=self.stale_window, sweep=sweep)
+            if sweep:
+                self._last_sweep = time.monotonic()
+            return report
+
+    def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                with open(lock_path, "a") as lock:
-                    try:
-                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue
-                    report = collect_garbage(self.store, self.index, self.max_size)
-                    if report.evicted_entries or report.removed_blobs:
-                        log.info("gc: %d -> %d bytes, %d entries evicted, %d blobs removed", report.before,
-                                 report.after, report.evicted_entries, report.removed_blobs)
+                report = self.check()
+                if report is not None and (report.evicted_entries or report.removed_blobs or report.expired_entries):
+                    log.info("gc (%s): %d -> %d bytes, %d entries evicted, %d expired purged, %d blobs removed",
+                             report.policy, report.before, report.after, report.evicted_entries,
+                             report.expired_entries, report.removed_blobs)
             except Exception:
                 log.exception("background gc failed")

@@ -244,22 +244,28 @@ def test_verify_repair_removes_damage_then_the_store_is_sound(cafs):
 def test_gc_command_evicts_least_recently_used_down_to_the_size(cafs):
     store, index = cafs
     now = time.time()
+    k = 64 << 10  # blobs well above the few pages the index grows by as it is written
     ages = {"a": 2 * HOUR, "b": 4 * HOUR, "c": 1 * HOUR, "d": 3 * HOUR}
-    entries = {k: add_entry(store, index, k, k.encode() * 1024, last_used=now - age) for k, age in ages.items()}
-    add_entry(store, index, "in-use", b"u" * 1024)  # used just now: never evicted
-    result = run_cli("gc", "--store", store.root, "--max-size", "3K")
+    entries = {key: add_entry(store, index, key, key.encode() * k, last_used=now - age) for key, age in ages.items()}
+    add_entry(store, index, "in-use", b"u" * k)  # used just now: never evicted
+    run_cli("gc", "--store", store.root, "--max-size", "1T", "--policy", "lru")  # admits; evicts nothing
+    own = index.usage().index_bytes + index.usage().wal_bytes  # the index's own file counts in the size
+    result = run_cli("gc", "--store", store.root, "--max-size", str(own + 3 * k + k // 2), "--policy", "lru")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout == "5.0 KiB -> 3.0 KiB: 2 entries evicted, 2 blobs removed\n"
+    assert re.fullmatch(r"[\d.]+ KiB -> [\d.]+ KiB \(lru\): 2 entries evicted, 0 expired purged, "
+                        r"2 blobs removed\n", result.stdout), result.stdout
     assert keys(index) == {"a", "c", "in-use"}
     assert not store.exists(entries["b"].hash) and not store.exists(entries["d"].hash)
 
-    result = run_cli("gc", "--store", store.root, "--max-size", "0")
+    result = run_cli("gc", "--store", store.root, "--max-size", "0", "--policy", "lru")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout == "3.0 KiB -> 1.0 KiB: 2 entries evicted, 2 blobs removed\n"
+    assert "(lru): 2 entries evicted, 0 expired purged, 2 blobs removed\n" in result.stdout
     assert keys(index) == {"in-use"}
 
     result = run_cli("gc", "--store", store.root, "--max-size", "20G")
-    assert result.stdout == "1.0 KiB -> 1.0 KiB: 0 entries evicted, 0 blobs removed\n"
+    assert "(s3fifo): 0 entries evicted, 0 expired purged, 0 blobs removed\n" in result.stdout
+    result = run_cli("gc", "--store", store.root, "--max-size", "20G", "--policy", "mru")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
 # -- stats --------------------------------------------------------------------
@@ -280,11 +286,14 @@ def test_stats_of_a_store_that_never_served(cafs):
     add_entry(store, index, "a", shared)
     add_entry(store, index, "b", shared)      # two entries, one blob
     add_entry(store, index, "c", b"c" * 500)
-    store.put(b"o" * 48)                 # a blob no entry points at
+    store.put(b"o" * 48)                 # a blob no entry points at: stats does not walk the store
+    own = index.usage().index_bytes + index.usage().wal_bytes
     data, rows = stats(store.root)
-    assert data == {"store": store.root, "entries": 3, "blobs": 3, "bytes": 1548,
+    assert data.pop("index_bytes") >= own > 0
+    assert data == {"store": store.root, "entries": 3, "blobs": 2, "bytes": 1500,
                     "hits": 0, "misses": 0, "collapsed": 0, "stale": 0}
-    assert rows["entries"] == "3" and rows["blobs"] == "3" and rows["bytes"] == "1.5 KiB"
+    assert rows["entries"] == "3" and rows["blobs"] == "2" and rows["bytes"] == "1.5 KiB"
+    assert rows["index_bytes"].endswith("KiB")
     assert rows["hits"] == rows["misses"] == rows["collapsed"] == "0"
 
 

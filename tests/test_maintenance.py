@@ -66,124 +66,175 @@ def test_parse_size_rejects_non_strings():
 
 
 # -- collect_garbage ----------------------------------------------------------
+# The size counts the index's own pages and -wal, which grow by pages as the
+# index is written: each limit below is what the index takes now, plus the
+# blob bytes the test means to keep, plus half a blob of slack for that.
+K = 64 * 1024
 
-def test_gc_evicts_least_recently_used_first_and_stops_at_the_size(cafs):
+
+def own(index: SQLiteIndex) -> int:
+    u = index.usage()
+    return u.index_bytes + u.wal_bytes
+
+
+def limit(store: CAFS, index: SQLiteIndex, keep: int) -> int:
+    collect_garbage(store, index, 1 << 50)  # admits what was stored: writes that grow the -wal
+    return own(index) + keep + K // 2
+
+
+def blob_bytes(index: SQLiteIndex) -> int:
+    return index.usage().blob_bytes
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_gc_evicts_least_recently_used_first_and_stops_at_the_size(cafs, policy):
+    """LRU by last use; S3-FIFO, whose entries here were never used after
+    being stored, in the order they came (all four sit in its small queue)."""
     store, index = cafs
     now = time.time()
-    # Inserted in one order, used in another: the order of last use must decide.
+    # Inserted in one order, used in another: for LRU the order of last use must decide.
     ages = {"c": 4 * HOUR, "a": 3 * HOUR, "d": 2 * HOUR, "b": 1 * HOUR}
     blobs = {}
-    for key in "abcd":
-        blobs[key] = add_entry(store, index, key, key.encode() * 1000, last_used=now - ages[key]).hash
-    assert store_usage(store) == (4, 4000)
+    for key in "cadb" if policy == "s3fifo" else "abcd":
+        blobs[key] = add_entry(store, index, key, key.encode() * K, last_used=now - ages[key]).hash
+    if policy == "s3fifo":  # touch() counts a use: these were "stored", not used
+        index._connect().execute("UPDATE entries SET freq = 0")
+    assert store_usage(store) == (4, 4 * K) and blob_bytes(index) == 4 * K
 
-    report = collect_garbage(store, index, 3000)  # exactly one eviction reaches 3000
-    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (4000, 3000, 1, 1)
-    assert keys(index) == {"a", "b", "d"}
+    report = collect_garbage(store, index, limit(store, index, 3 * K), policy=policy)  # exactly one eviction
+    assert (report.evicted_entries, report.removed_blobs, report.policy) == (1, 1, policy)
+    assert report.before > report.after >= 3 * K
+    assert keys(index) == {"a", "b", "d"} and blob_bytes(index) == 3 * K
     assert not store.exists(blobs["c"])
 
-    report = collect_garbage(store, index, 1500)  # 3000 -> 2000 is not enough; -> 1000 is
-    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (3000, 1000, 2, 2)
+    report = collect_garbage(store, index, limit(store, index, K + K // 4), policy=policy)  # one eviction is not enough
+    assert (report.evicted_entries, report.removed_blobs) == (2, 2)
     assert keys(index) == {"b"}
     assert [store.exists(blobs[k]) for k in "abcd"] == [False, True, False, False]
-    assert store_usage(store) == (1, 1000)
+    assert store_usage(store) == (1, K) and blob_bytes(index) == K
 
 
 def test_gc_does_nothing_when_under_the_size(cafs):
     store, index = cafs
-    add_entry(store, index, "a", b"x" * 1000, last_used=time.time() - HOUR)
-    report = collect_garbage(store, index, 1000)
-    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (1000, 1000, 0, 0)
+    add_entry(store, index, "a", b"x" * K, last_used=time.time() - HOUR)
+    report = collect_garbage(store, index, limit(store, index, K))
+    assert (report.evicted_entries, report.removed_blobs) == (0, 0)
+    assert report.before == index.usage().total
     assert keys(index) == {"a"}
 
 
-def test_gc_never_evicts_an_entry_used_in_the_last_minute(cafs):
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_gc_never_evicts_an_entry_used_in_the_last_minute(cafs, policy):
     store, index = cafs
     now = time.time()
-    old = add_entry(store, index, "old", b"o" * 1000, last_used=now - 61)
-    recent = add_entry(store, index, "recent", b"r" * 1000, last_used=now - 50)
-    fresh = add_entry(store, index, "fresh", b"f" * 1000)  # put() records a use now
-    report = collect_garbage(store, index, 0)
+    old = add_entry(store, index, "old", b"o" * K, last_used=now - 61)
+    recent = add_entry(store, index, "recent", b"r" * K, last_used=now - 50)
+    fresh = add_entry(store, index, "fresh", b"f" * K)  # put() records a use now
+    report = collect_garbage(store, index, 0, policy=policy)
     assert keys(index) == {"recent", "fresh"}
     assert not store.exists(old.hash)
     assert store.exists(recent.hash) and store.exists(fresh.hash)
-    assert (report.evicted_entries, report.after) == (1, 2000)
+    assert report.evicted_entries == 1 and blob_bytes(index) == 2 * K
     # With a shorter protection window the same entries are fair game.
-    report = collect_garbage(store, index, 0, protect=10)
+    collect_garbage(store, index, 0, protect=10, policy=policy)
     assert keys(index) == {"fresh"}
-    assert report.after == 1000
+    assert blob_bytes(index) == K
 
 
 def test_gc_removes_unreferenced_blobs_only_past_the_grace_period(cafs):
     store, index = cafs
     now = time.time()
-    entry = add_entry(store, index, "a", b"a" * 1000, last_used=now - HOUR)
-    stale = store.put(b"s" * 1000).hash    # no entry, written long ago: a leftover
-    young = store.put(b"y" * 1000).hash    # no entry yet: maybe a commit whose entry is coming
+    entry = add_entry(store, index, "a", b"a" * K, last_used=now - HOUR)
+    stale = store.put(b"s" * K).hash    # no entry, written long ago: a leftover
+    young = store.put(b"y" * K).hash    # no entry yet: maybe a commit whose entry is coming
     age_blob(store, stale, 601)
 
-    report = collect_garbage(store, index, 2000)
-    # The old unreferenced blob goes first; that is enough, no entry is evicted.
-    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (3000, 2000, 0, 1)
+    # A pass without a sweep does not walk the store: leftovers wait for one.
+    report = collect_garbage(store, index, limit(store, index, K))
+    assert store.exists(stale) and report.removed_blobs == 0
+
+    report = collect_garbage(store, index, limit(store, index, K), sweep=True)
+    # The old unreferenced blob goes; the entry fits, so it is not evicted.
+    assert (report.evicted_entries, report.removed_blobs) == (0, 1)
     assert not store.exists(stale)
     assert store.exists(young) and keys(index) == {"a"}
 
-    report = collect_garbage(store, index, 0)
+    report = collect_garbage(store, index, 0, sweep=True)
     # The young blob is spared even though the store stays over the size.
     assert store.exists(young)
     assert not store.exists(entry.hash) and len(index) == 0
-    assert (report.after, report.evicted_entries, report.removed_blobs) == (1000, 1, 1)
+    assert (report.evicted_entries, report.removed_blobs) == (1, 1)
 
-    report = collect_garbage(store, index, 0, grace=0.0)
-    assert not store.exists(young) and report.after == 0
+    report = collect_garbage(store, index, 0, grace=0.0, sweep=True)
+    assert not store.exists(young) and report.removed_blobs == 1
 
 
-def test_gc_keeps_a_blob_another_entry_still_points_at(cafs):
+def test_gc_removes_a_replaced_entrys_old_blob_after_the_grace_period(cafs):
+    store, index = cafs
+    old = add_entry(store, index, "a", b"version 1" * 100)
+    new = add_entry(store, index, "a", b"version 2" * 100)  # same key, new body
+    assert index.usage().orphan_bytes == 900 and blob_bytes(index) == 900
+    collect_garbage(store, index, None)
+    assert store.exists(old.hash)  # unreferenced only just now: within the grace period
+    report = collect_garbage(store, index, None, grace=0.0)
+    assert report.removed_blobs == 1 and not store.exists(old.hash) and store.exists(new.hash)
+    assert index.usage().orphan_bytes == 0 and blob_bytes(index) == 900
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_gc_keeps_a_blob_another_entry_still_points_at(cafs, policy):
     store, index = cafs
     now = time.time()
-    shared = b"shared" * 200
+    shared = b"s" * K
     a = add_entry(store, index, "a", shared, last_used=now - 3 * HOUR)
-    b = add_entry(store, index, "b", b"b" * 1200, last_used=now - 2 * HOUR)
+    b = add_entry(store, index, "b", b"b" * K, last_used=now - 2 * HOUR)
     c = add_entry(store, index, "c", shared, last_used=now - HOUR)
-    assert a.hash == c.hash
-    report = collect_garbage(store, index, 1500)
+    index._connect().execute("UPDATE entries SET freq = 0")
+    assert a.hash == c.hash and blob_bytes(index) == 2 * K  # the shared blob counted once
+    report = collect_garbage(store, index, limit(store, index, K), policy=policy)
     # Evicting "a" frees nothing ("c" still needs its blob), so "b" goes too.
     assert keys(index) == {"c"}
     assert store.exists(c.hash) and not store.exists(b.hash)
-    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (2400, 1200, 2, 1)
+    assert (report.evicted_entries, report.removed_blobs) == (2, 1)
+    assert blob_bytes(index) == K
 
 
 def test_gc_counts_entries_whose_blob_is_already_gone(cafs):
     store, index = cafs
     now = time.time()
-    ghost = add_entry(store, index, "ghost", b"g" * 1000, last_used=now - 2 * HOUR)
+    ghost = add_entry(store, index, "ghost", b"g" * K, last_used=now - 2 * HOUR)
     store.delete(ghost.hash)
-    add_entry(store, index, "a", b"a" * 1000, last_used=now - HOUR)
-    add_entry(store, index, "b", b"b" * 1000, last_used=now - 100)
-    report = collect_garbage(store, index, 1000)
+    add_entry(store, index, "a", b"a" * K, last_used=now - HOUR)
+    add_entry(store, index, "b", b"b" * K, last_used=now - 100)
+    report = collect_garbage(store, index, limit(store, index, K), policy="lru")
     assert keys(index) == {"b"}
-    assert (report.before, report.after, report.evicted_entries, report.removed_blobs) == (2000, 1000, 2, 1)
+    assert (report.evicted_entries, report.removed_blobs) == (2, 1)
 
 
-def test_gc_never_evicts_a_blob_being_served(cafs):
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_gc_never_evicts_a_blob_being_served(cafs, policy):
     store, index = cafs
     now = time.time()
     served = add_entry(store, index, "served", b"being served" * 100, last_used=now - 3 * HOUR)
-    other = add_entry(store, index, "other", b"o" * 1000, last_used=now - 2 * HOUR)
+    other = add_entry(store, index, "other", b"o" * K, last_used=now - 2 * HOUR)
     with store.open(served.hash) as f:  # a response sending it holds it open like this
-        report = collect_garbage(store, index, 0)
+        report = collect_garbage(store, index, 0, policy=policy)
         assert keys(index) == {"served"} and store.exists(served.hash)
         assert not store.exists(other.hash)
-        assert (report.evicted_entries, report.removed_blobs, report.after) == (1, 1, 1200)
+        assert (report.evicted_entries, report.removed_blobs) == (1, 1)
         assert f.read() == b"being served" * 100
-    report = collect_garbage(store, index, 0)  # sent: now it may go
+    collect_garbage(store, index, 0, policy=policy)  # sent: now it may go
     assert len(index) == 0 and not store.exists(served.hash)
 
 
-def test_gc_rejects_a_negative_size(cafs):
+def test_gc_rejects_bad_arguments(cafs):
     store, index = cafs
     with pytest.raises(ValueError):
         collect_garbage(store, index, -1)
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        collect_garbage(store, index, 10, policy="mru")
+    with pytest.raises(ValueError):
+        collect_garbage(store, index, 10, stale_window=-1)
 
 
 # -- verify_store / clear_orphans ---------------------------------------------
@@ -236,12 +287,12 @@ def test_clear_orphans_spares_young_put_temps(cafs):
 def test_size_limiter_shrinks_a_store_in_the_background_and_stop_joins(cafs):
     store, index = cafs
     now = time.time()
-    entries = [add_entry(store, index, f"k{i}", bytes([i]) * 4096, last_used=now - (10 - i) * HOUR) for i in range(6)]
-    assert store_usage(store)[1] == 6 * 4096
-    limiter = SizeLimiter(store, index, max_size=2 * 4096, interval=0.01)
+    entries = [add_entry(store, index, f"k{i}", bytes([i]) * K, last_used=now - (10 - i) * HOUR) for i in range(6)]
+    assert store_usage(store)[1] == 6 * K
+    limiter = SizeLimiter(store, index, max_size=limit(store, index, 2 * K), interval=0.01, policy="lru")
     limiter.start()
     try:
-        wait_until(lambda: store_usage(store)[1] <= 2 * 4096, timeout=15, what="the store to shrink")
+        wait_until(lambda: store_usage(store)[1] <= 2 * K, timeout=15, what="the store to shrink")
     finally:
         limiter.stop()
     assert not limiter._thread.is_alive()
@@ -304,3 +355,5 @@ def test_size_limiter_rejects_bad_settings(cafs):
         SizeLimiter(store, index, max_size=-1)
     with pytest.raises(ValueError):
         SizeLimiter(store, index, max_size=10, interval=0)
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        SizeLimiter(store, index, max_size=10, policy="fifo")
