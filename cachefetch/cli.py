@@ -92,7 +92,7 @@ def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--send-timeout", type=_seconds, default=CachefetchWorker.send_timeout, metavar="SECONDS",
                        help="a client that takes (or sends) no byte for this long is dropped "
                             "(default: %(default)s)")
-    serve.add_argument("--graceful-timeout", type=_seconds, default=4.0, metavar="SECONDS",
+    serve.add_argument("--graceful-timeout", type=_positive_int, default=4, metavar="SECONDS",
                        help="on SIGTERM, in-flight requests get half of this; the server is gone "
                             "within it (default: %(default)s)")
 
