@@ -178,10 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     store_dir = os.path.abspath(args.store)
     object_limit = max_object_size(args)
-    metrics_dir = _start_metrics(store_dir)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Before prometheus_client is first imported: it picks multi-process mode then.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(store_dir, "metrics")
+    _start_metrics(store_dir)
 
-    from .proxy import create_app  # imports prometheus_client: after the env is set
+    from .proxy import create_app
 
     options = dict(files_upstreams=args.files_upstream, index_ttl=args.index_ttl, tag_ttl=args.tag_ttl,
                    negative_ttl=args.negative_ttl, threads=args.threads,
@@ -273,9 +274,9 @@ class RequestTotals:
             self.requests[outcome] = self.requests.get(outcome, 0) + int(n)
 
 
-def _start_metrics(store_dir: str) -> str:
+def _start_metrics(store_dir: str) -> None:
     """Fold the last run's request counters into the store's totals and
-    start an empty metrics directory for this run; returns its path.
+    start an empty metrics directory for this run.
 
     :raises OSError: if the store's directory cannot hold them.
     """
@@ -291,7 +292,6 @@ def _start_metrics(store_dir: str) -> str:
     os.makedirs(metrics_dir)
     with open(os.path.join(metrics_dir, _RUN_ID), "w") as f:
         f.write(uuid.uuid4().hex)
-    return metrics_dir
 
 
 def _run_id(metrics_dir: str) -> str | None:
