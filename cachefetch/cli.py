@@ -92,6 +92,9 @@ def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--send-timeout", type=_seconds, default=CachefetchWorker.send_timeout, metavar="SECONDS",
                        help="a client that takes (or sends) no byte for this long is dropped "
                             "(default: %(default)s)")
+    serve.add_argument("--worker-class", choices=("cachefetch", "gthread"), default="cachefetch",
+                       help="cachefetch: gthread with the slow-client defences (default); gthread: "
+                            "gunicorn's own, without them (for comparison)")
     serve.add_argument("--graceful-timeout", type=_positive_int, default=4, metavar="SECONDS",
                        help="on SIGTERM, in-flight requests get half of this; the server is gone "
                             "within it (default: %(default)s)")
@@ -227,8 +230,9 @@ def _gunicorn_settings(args: argparse.Namespace) -> dict[str, Any]:
     client timeouts, the access log, and the exit hooks."""
     return {
         "bind": [args.bind], "workers": args.workers, "threads": args.threads,
-        "worker_class": CachefetchWorker.configured(header_timeout=args.header_timeout,
-                                                    send_timeout=args.send_timeout),
+        "worker_class": (CachefetchWorker.configured(header_timeout=args.header_timeout,
+                                                     send_timeout=args.send_timeout)
+                         if args.worker_class == "cachefetch" else "gthread"),
         # The arbiter kills a worker still there after graceful_timeout; ours leave by 3/4 of it.
         "timeout": 120, "graceful_timeout": args.graceful_timeout,
         # A line per request costs a third of a hit's CPU: opt in.
