@@ -369,6 +369,8 @@ class CachefetchWorker(ThreadWorker):
             self.poller.register(conn.sock, selectors.EVENT_READ, callback)
 
     def _on_head_readable(self, conn: _Conn, _fileobj: Any = None) -> None:
+        if conn.state != "head":  # closed by an earlier event of the same poll
+            return
         try:
             data = conn.sock.recv(_READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -394,6 +396,8 @@ class CachefetchWorker(ThreadWorker):
         self._close(conn)
 
     def _on_idle_readable(self, conn: _Conn, _fileobj: Any = None) -> None:
+        if conn.state != "idle":
+            return
         del self._idle[conn]
         self._await_head(conn, registered=True)
         self._on_head_readable(conn)
@@ -513,6 +517,8 @@ class CachefetchWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_WRITE, partial(self._on_tail_writable, conn))
 
     def _on_tail_writable(self, conn: _Conn, _fileobj: Any = None) -> None:
+        if conn.state != "tail":
+            return
         tail = conn.tail
         try:
             n = _sendfile_now(conn.sock.fileno(), tail.fd, tail.offset, min(tail.left, _TAIL_SLICE))
@@ -560,6 +566,8 @@ class CachefetchWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_linger_readable, conn))
 
     def _on_linger_readable(self, conn: _Conn, _fileobj: Any = None) -> None:
+        if conn.state != "linger":
+            return
         try:
             data = conn.sock.recv(_READ_SIZE)
         except (BlockingIOError, InterruptedError):
