@@ -38,7 +38,7 @@ class TricklingOrigin:
     """An origin that announces ``size`` bytes and sends one a second (for at
     most ``size`` seconds); ``sent`` is set once it has sent ``after`` bytes."""
 
-    def __init__(self, size: int = 120, after: int = 2) -> None:
+    def __init__(self, size: int = 120, after: int = 1) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.size, self.after = size, after
@@ -79,6 +79,8 @@ class TricklingOrigin:
 
     def __exit__(self, *exc) -> None:
         self.stopped.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(); close() alone does not
         self.listener.close()
         for conn in self._conns:
             with contextlib.suppress(OSError):
