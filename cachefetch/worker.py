@@ -16,10 +16,11 @@ in its event loop, where each costs a socket and a few bytes, never a thread:
 - A thread reads a request body and writes a response with an idle timeout,
   ``send_timeout``: a client that takes (or sends) no byte for that long is
   dropped and the thread is free again.
-- A ``wsgi.file_wrapper`` body (cachefetch's hits) is sent with ``sendfile`` as
-  far as the client's socket takes it at once; the event loop sends the rest as
-  the client reads, with the same idle timeout, so a slow or stalled reader of a
-  hit holds no thread.
+- A ``wsgi.file_wrapper`` body (cachefetch's hits) is sent with ``sendfile``
+  from the thread while the client keeps making room; once its socket has had no
+  room for :data:`HANDOFF` seconds, the event loop sends the rest as the client
+  reads, with the same idle timeout, so a slow or stalled reader of a hit holds
+  no thread.
 - Waiting connections (a head not yet complete, or idle between requests) never
   lock newcomers out: at the connection limit the oldest of them is closed.
 - Graceful closes (draining what the client still sends, RFC 9112 section 9.6)
@@ -43,6 +44,7 @@ import logging
 import os
 import re
 import resource
+import select
 import selectors
 import socket
 import struct
@@ -60,7 +62,7 @@ from gunicorn.http import wsgi
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-__all__ = ["CachefetchWorker", "MAX_HEAD", "leave_promptly"]
+__all__ = ["CachefetchWorker", "HANDOFF", "MAX_HEAD", "leave_promptly"]
 
 #: Longest request head read in the event loop (request line and headers).
 MAX_HEAD = 64 * 1024
@@ -68,6 +70,9 @@ MAX_HEAD = 64 * 1024
 LINGER = 2.0
 _LINGER_DRAIN = 64 * 1024
 _READ_SIZE = 64 * 1024
+#: A thread sending a file hands the rest to the event loop once the client's
+#: socket has had no room for this long.
+HANDOFF = 0.05
 #: Bytes one sendfile tail may send per event, so one fast reader cannot starve the loop.
 _TAIL_SLICE = 4 << 20
 _ACCEPTS_PER_EVENT = 32
@@ -155,7 +160,13 @@ class _Response(wsgi.Response):
         self.send_headers()
         if self._no_body() or count <= 0:
             return True
-        sent = _sendfile_now(self.sock.fileno(), fileno, offset, count)
+        sent = 0
+        while True:
+            sent += _sendfile_now(self.sock.fileno(), fileno, offset + sent, count - sent)
+            # A client that makes room soon is served from this thread, as fast as it
+            # reads; one whose socket stays full goes to the event loop.
+            if sent == count or not _writable(self.sock, HANDOFF):
+                break
         self.sent += sent
         if sent < count:
             self.tail = _Tail(os.dup(fileno), offset + sent, count - sent, self)
@@ -189,6 +200,12 @@ def _sendfile_now(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
             raise OSError(errno.EIO, "file ended before its announced length")
         sent += n
     return sent
+
+
+def _writable(sock: socket.socket, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _head_complete(buf: bytearray, start: int) -> bool:
@@ -226,6 +243,7 @@ class CachefetchWorker(ThreadWorker):
         self._idle: OrderedDict[_Conn, None] = OrderedDict()
         self._tails: OrderedDict[_Conn, None] = OrderedDict()
         self._lingering: OrderedDict[_Conn, None] = OrderedDict()
+        self._waiting = {"head": self._heads, "idle": self._idle, "tail": self._tails, "linger": self._lingering}
         self._accept_paused_until = 0.0
         self._stop_began: float | None = None
 
@@ -398,9 +416,21 @@ class CachefetchWorker(ThreadWorker):
     def _on_idle_readable(self, conn: _Conn, _fileobj: Any = None) -> None:
         if conn.state != "idle":
             return
+        try:
+            data = conn.sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client closed its idle connection
+            self._close(conn)
+            return
+        conn.head += data
+        if _head_complete(conn.head, 0):  # the usual case: a whole request at once
+            self._dispatch(conn)
+            return
         del self._idle[conn]
         self._await_head(conn, registered=True)
-        self._on_head_readable(conn)
 
     def _dispatch(self, conn: _Conn) -> None:
         self._forget(conn)
@@ -580,8 +610,7 @@ class CachefetchWorker(ThreadWorker):
 
     def _forget(self, conn: _Conn) -> None:
         """Take ``conn`` out of the event loop (it stays open)."""
-        conns = {"head": self._heads, "idle": self._idle, "tail": self._tails,
-                 "linger": self._lingering}.get(conn.state)
+        conns = self._waiting.get(conn.state)
         if conns is None:
             return
         conns.pop(conn, None)
