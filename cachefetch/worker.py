@@ -162,12 +162,15 @@ class _Response(wsgi.Response):
             return True
         sent = 0
         while True:
-            sent += _sendfile_now(self.sock.fileno(), fileno, offset + sent, count - sent)
+            n, error = _sendfile_now(self.sock.fileno(), fileno, offset + sent, count - sent)
+            sent += n
+            self.sent += n
+            if error is not None:
+                raise error
             # A client that makes room soon is served from this thread, as fast as it
             # reads; one whose socket stays full goes to the event loop.
             if sent == count or not _writable(self.sock, HANDOFF):
                 break
-        self.sent += sent
         if sent < count:
             self.tail = _Tail(os.dup(fileno), offset + sent, count - sent, self)
         return True
@@ -181,25 +184,27 @@ class _Response(wsgi.Response):
         return self.req.method == "HEAD" or status in (204, 304) or 100 <= status < 200
 
 
-def _sendfile_now(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+def _sendfile_now(sock_fd: int, file_fd: int, offset: int, count: int) -> tuple[int, OSError | None]:
     """Send up to ``count`` bytes of ``file_fd`` from ``offset`` on the
     non-blocking ``sock_fd``, as many as it takes without waiting.
 
-    :returns: the bytes sent.
-    :raises OSError: the client is gone, or the file ended early (EIO).
+    :returns: the bytes sent, and the error that stopped it if one did (the
+        client is gone; EIO: the file ended before ``count``); never raises.
     """
     sent = 0
     while sent < count:
         try:
             n = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
-        except (BlockingIOError, InterruptedError) as exc:
-            if isinstance(exc, InterruptedError):
-                continue
+        except InterruptedError:
+            continue
+        except BlockingIOError:
             break
+        except OSError as exc:
+            return sent, exc
         if n == 0:
-            raise OSError(errno.EIO, "file ended before its announced length")
+            return sent, OSError(errno.EIO, "file ended before its announced length")
         sent += n
-    return sent
+    return sent, None
 
 
 def _writable(sock: socket.socket, timeout: float) -> bool:
@@ -550,14 +555,13 @@ class CachefetchWorker(ThreadWorker):
         if conn.state != "tail":
             return
         tail = conn.tail
-        try:
-            n = _sendfile_now(conn.sock.fileno(), tail.fd, tail.offset, min(tail.left, _TAIL_SLICE))
-        except OSError:
-            self._close(conn, abort=True)
-            return
+        n, error = _sendfile_now(conn.sock.fileno(), tail.fd, tail.offset, min(tail.left, _TAIL_SLICE))
         tail.offset += n
         tail.left -= n
         tail.resp.sent += n
+        if error is not None:
+            self._close(conn, abort=True)
+            return
         if tail.left == 0:
             self._forget(conn)
             conn.state = "thread"  # between states, as if a thread had just returned it
