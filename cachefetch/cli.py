@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .layout import StoreLayout
 from .maintenance import parse_size
 from .worker import CachefetchWorker, leave_promptly
 
@@ -182,7 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
     store_dir = os.path.abspath(args.store)
     object_limit = max_object_size(args)
     # Before prometheus_client is first imported: it picks multi-process mode then.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(store_dir, "metrics")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = StoreLayout.at(store_dir).metrics_dir
     _start_metrics(store_dir)
 
     from .proxy import create_app
@@ -262,10 +263,6 @@ def _child_exit(server: Any, worker: Any) -> None:
 # <store>/request-totals.json, then begins a new directory. The run id written
 # in each directory makes the fold happen once even if a start dies half-way.
 
-_RUN_ID = "run-id"
-_TOTALS = "request-totals.json"
-
-
 @dataclass
 class RequestTotals:
     """Requests by outcome of the runs folded so far, and the last run folded."""
@@ -284,30 +281,31 @@ def _start_metrics(store_dir: str) -> None:
 
     :raises OSError: if the store's directory cannot hold them.
     """
-    metrics_dir = os.path.join(store_dir, "metrics")
+    layout = StoreLayout.at(store_dir)
+    metrics_dir = layout.metrics_dir
     if os.path.isdir(metrics_dir):
         totals = _load_totals(store_dir)
-        run = _run_id(metrics_dir)
+        run = _run_id(store_dir)
         if run is None or run != totals.folded:
             totals.add(_run_counts(metrics_dir))
             totals.folded = run
             _save_totals(store_dir, totals)
         shutil.rmtree(metrics_dir)
     os.makedirs(metrics_dir)
-    with open(os.path.join(metrics_dir, _RUN_ID), "w") as f:
+    with open(layout.metrics_run_id_path, "w") as f:
         f.write(uuid.uuid4().hex)
 
 
-def _run_id(metrics_dir: str) -> str | None:
+def _run_id(store_dir: str) -> str | None:
     try:
-        with open(os.path.join(metrics_dir, _RUN_ID)) as f:
+        with open(StoreLayout.at(store_dir).metrics_run_id_path) as f:
             return f.read().strip() or None
     except FileNotFoundError:
         return None
 
 
 def _load_totals(store_dir: str) -> RequestTotals:
-    path = os.path.join(store_dir, _TOTALS)
+    path = StoreLayout.at(store_dir).request_totals_path
     try:
         with open(path) as f:
             data = json.load(f)
@@ -323,7 +321,7 @@ def _load_totals(store_dir: str) -> RequestTotals:
 
 
 def _save_totals(store_dir: str, totals: RequestTotals) -> None:
-    path = os.path.join(store_dir, _TOTALS)
+    path = StoreLayout.at(store_dir).request_totals_path
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump({"requests": totals.requests, "folded": totals.folded}, f)
@@ -353,9 +351,8 @@ def _request_counts(store_dir: str) -> dict[str, float]:
     """Requests by outcome over every run on this store."""
     totals = _load_totals(store_dir)
     counts: dict[str, float] = dict(totals.requests)
-    metrics_dir = os.path.join(store_dir, "metrics")
-    if totals.folded is None or _run_id(metrics_dir) != totals.folded:  # else folded, not yet wiped
-        for outcome, n in _run_counts(metrics_dir).items():
+    if totals.folded is None or _run_id(store_dir) != totals.folded:  # else folded, not yet wiped
+        for outcome, n in _run_counts(StoreLayout.at(store_dir).metrics_dir).items():
             counts[outcome] = counts.get(outcome, 0) + n
     return counts
 
