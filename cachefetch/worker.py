@@ -394,12 +394,8 @@ class CachefetchWorker(ThreadWorker):
     def _on_head_readable(self, conn: _Conn, _fileobj: Any = None) -> None:
         if conn.state != "head":  # closed by an earlier event of the same poll
             return
-        try:
-            data = conn.sock.recv(_READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(conn)
+        data = _recv_now(conn.sock)
+        if data is None:
             return
         if not data:  # the client left before sending a whole request
             self._close(conn)
@@ -421,12 +417,9 @@ class CachefetchWorker(ThreadWorker):
     def _on_idle_readable(self, conn: _Conn, _fileobj: Any = None) -> None:
         if conn.state != "idle":
             return
-        try:
-            data = conn.sock.recv(_READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = _recv_now(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client closed its idle connection
             self._close(conn)
             return
@@ -602,12 +595,9 @@ class CachefetchWorker(ThreadWorker):
     def _on_linger_readable(self, conn: _Conn, _fileobj: Any = None) -> None:
         if conn.state != "linger":
             return
-        try:
-            data = conn.sock.recv(_READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = _recv_now(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.drained += len(data)
         if not data or conn.drained > _LINGER_DRAIN:
             self._close(conn)
@@ -639,6 +629,17 @@ class CachefetchWorker(ThreadWorker):
         conn.close()
         conn.state = "closed"
         self.nr_conns -= 1
+
+
+def _recv_now(sock: socket.socket) -> bytes | None:
+    """What the non-blocking ``sock`` has to read: ``None`` if nothing yet,
+    ``b""`` if the client closed it (or it failed); never raises."""
+    try:
+        return sock.recv(_READ_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
