@@ -11,13 +11,21 @@ import os
 import shutil
 import sqlite3
 import sys
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .layout import StoreLayout
 from .maintenance import parse_size
+from .worker import CachefetchWorker, leave_promptly
 
 __all__ = ["main", "default_store_dir"]
 
 log = logging.getLogger("cachefetch.cli")
+
+#: serve's largest stored response when neither --max-object-size nor --max-size is given.
+DEFAULT_MAX_OBJECT_SIZE = 8 << 30
+UNLIMITED = "unlimited"
 
 
 def default_store_dir() -> str:
@@ -55,6 +63,60 @@ def _bind(text: str) -> str:
     return text
 
 
+def _object_size(text: str) -> int | str:
+    if text.strip().lower() == UNLIMITED:
+        return UNLIMITED
+    size = _size(text)
+    if size == 0:
+        raise argparse.ArgumentTypeError("0 would store nothing; to store any size, say 'unlimited'")
+    return size
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0 seconds: {text}")
+    return value
+
+
+def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
+    """serve's bounds on what one response and one client may cost."""
+    serve.add_argument("--max-object-size", type=_object_size, default=None, metavar="SIZE|unlimited",
+                       help="larger responses are passed through, not stored (default: 1/8 of --max-size, "
+                            f"or {_human(DEFAULT_MAX_OBJECT_SIZE)} without it)")
+    serve.add_argument("--header-timeout", type=_seconds, default=CachefetchWorker.header_timeout,
+                       metavar="SECONDS", help="a client must send its whole request head within this "
+                                               "(default: %(default)s)")
+    serve.add_argument("--send-timeout", type=_seconds, default=CachefetchWorker.send_timeout, metavar="SECONDS",
+                       help="a client that takes (or sends) no byte for this long is dropped "
+                            "(default: %(default)s)")
+    serve.add_argument("--worker-class", choices=("cachefetch", "gthread"), default="cachefetch",
+                       help="cachefetch: gthread with the slow-client defences (default); gthread: "
+                            "gunicorn's own, without them (for comparison)")
+    serve.add_argument("--graceful-timeout", type=_positive_int, default=4, metavar="SECONDS",
+                       help="on SIGTERM, in-flight requests get half of this; the server is gone "
+                            "within it (default: %(default)s)")
+
+
+def max_object_size(args: argparse.Namespace) -> int | None:
+    """``--max-object-size`` in bytes, ``None`` for "unlimited"; by default
+    1/8 of ``--max-size``, or :data:`DEFAULT_MAX_OBJECT_SIZE` without one.
+
+    :raises ValueError: if it exceeds ``--max-size`` (one object would evict all the rest).
+    """
+    size = args.max_object_size
+    if size is None:
+        return DEFAULT_MAX_OBJECT_SIZE if args.max_size is None else max(args.max_size // 8, 1)
+    if size == UNLIMITED:
+        return None
+    if args.max_size is not None and size > args.max_size:
+        raise ValueError(f"--max-object-size {_human(size)} exceeds --max-size {_human(args.max_size)}")
+    return size
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cachefetch", description="A content-addressed caching proxy with request coalescing.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -77,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--access-log", default=None, metavar="FILE",
                        help="write an access log line per request to FILE ('-' for stderr); off by default")
+    _add_limit_arguments(serve)
 
     _add_route_flags(serve)
 
@@ -165,17 +228,17 @@ def _route_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace) -> int:
     store_dir = os.path.abspath(args.store)
-    metrics_dir = os.path.join(store_dir, "metrics")
-    # Counters of several workers are summed from files; last run's are stale.
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    os.makedirs(metrics_dir)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    object_limit = max_object_size(args)
+    # Before prometheus_client is first imported: it picks multi-process mode then.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = StoreLayout.at(store_dir).metrics_dir
+    _start_metrics(store_dir)
 
-    from .proxy import create_app  # imports prometheus_client: after the env is set
+    from .proxy import create_app
 
     options = dict(files_upstreams=args.files_upstream, index_ttl=args.index_ttl, tag_ttl=args.tag_ttl,
                    negative_ttl=args.negative_ttl, threads=args.threads,
-                   connect_timeout=args.connect_timeout, read_timeout=args.read_timeout, **_route_options(args))
+                   connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
+                   max_object_size=object_limit, **_route_options(args))
     # Build one app now, in the arbiter, so bad options fail before any worker starts.
     create_app(args.upstream, store_dir, args.protocol, **options).close()
     from gunicorn.app.base import BaseApplication
@@ -188,17 +251,11 @@ def _serve(args: argparse.Namespace) -> int:
             SizeLimiter(app.cached.store, app.index, args.max_size).start()
         return app
 
+    settings = _gunicorn_settings(args)
+
     class Server(BaseApplication):
         def load_config(self) -> None:
-            for key, value in {
-                "bind": [args.bind], "workers": args.workers, "threads": args.threads,
-                "worker_class": "gthread", "timeout": 120, "graceful_timeout": 30,
-                # A line per request costs a third of a hit's CPU: opt in.
-                "loglevel": args.log_level, "accesslog": args.access_log, "worker_exit": _worker_exit,
-                "child_exit": _child_exit,
-                # gunicorn's control socket would live in ~/.gunicorn, shared by every server.
-                "control_socket_disable": True,
-            }.items():
+            for key, value in settings.items():
                 if key in self.cfg.settings:  # older gunicorns lack some
                     self.cfg.set(key, value)
 
@@ -211,10 +268,34 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Apache's combined format, then the response's Cache-Status and the request's duration.
+ACCESS_LOG_FORMAT = ('%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" '
+                     '"%({cache-status}o)s" %(M)sms')
+
+
+def _gunicorn_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """gunicorn's configuration for ``serve``: our gthread worker with its
+    client timeouts, the access log, and the exit hooks."""
+    return {
+        "bind": [args.bind], "workers": args.workers, "threads": args.threads,
+        "worker_class": (CachefetchWorker.configured(header_timeout=args.header_timeout,
+                                                     send_timeout=args.send_timeout)
+                         if args.worker_class == "cachefetch" else "gthread"),
+        # The arbiter kills a worker still there after graceful_timeout; ours leave by 3/4 of it.
+        "timeout": 120, "graceful_timeout": args.graceful_timeout,
+        # A line per request costs a third of a hit's CPU: opt in.
+        "loglevel": args.log_level, "accesslog": args.access_log, "access_log_format": ACCESS_LOG_FORMAT,
+        "worker_exit": _worker_exit, "child_exit": _child_exit,
+        # gunicorn's control socket would live in ~/.gunicorn, shared by every server.
+        "control_socket_disable": True,
+    }
+
+
 def _worker_exit(server: Any, worker: Any) -> None:
     from .middleware import close_all
 
     close_all()
+    leave_promptly(worker)
 
 
 def _child_exit(server: Any, worker: Any) -> None:
@@ -223,20 +304,82 @@ def _child_exit(server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
-# -- stats / verify / gc -----------------------------------------------------
+# -- request counters across runs ----------------------------------------------
+# The running server's counters are prometheus_client's multi-process files in
+# <store>/metrics (summed over workers); a start folds the last run's into
+# <store>/request-totals.json, then begins a new directory. The run id written
+# in each directory makes the fold happen once even if a start dies half-way.
 
-def _open(store_dir: str, heal: bool = True):
-    """The store and its index; with ``heal``, a damaged index is moved aside and rebuilt."""
-    from .index import SQLiteIndex
-    from .store import CAFS
+@dataclass
+class RequestTotals:
+    """Requests by outcome of the runs folded so far, and the last run folded."""
 
-    store = CAFS(store_dir)
-    return store, SQLiteIndex(store.layout.index_path, heal=heal)
+    requests: dict[str, int] = field(default_factory=dict)
+    folded: str | None = None
+
+    def add(self, counts: dict[str, float]) -> None:
+        for outcome, n in counts.items():
+            self.requests[outcome] = self.requests.get(outcome, 0) + int(n)
 
 
-def _request_counts(store_dir: str) -> dict[str, float]:
-    metrics_dir = os.path.join(store_dir, "metrics")
-    if not os.path.isdir(metrics_dir) or not os.listdir(metrics_dir):
+def _start_metrics(store_dir: str) -> None:
+    """Fold the last run's request counters into the store's totals and
+    start an empty metrics directory for this run.
+
+    :raises OSError: if the store's directory cannot hold them.
+    """
+    layout = StoreLayout.at(store_dir)
+    metrics_dir = layout.metrics_dir
+    if os.path.isdir(metrics_dir):
+        totals = _load_totals(store_dir)
+        run = _run_id(store_dir)
+        if run is None or run != totals.folded:
+            totals.add(_run_counts(metrics_dir))
+            totals.folded = run
+            _save_totals(store_dir, totals)
+        shutil.rmtree(metrics_dir)
+    os.makedirs(metrics_dir)
+    with open(layout.metrics_run_id_path, "w") as f:
+        f.write(uuid.uuid4().hex)
+
+
+def _run_id(store_dir: str) -> str | None:
+    try:
+        with open(StoreLayout.at(store_dir).metrics_run_id_path) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _load_totals(store_dir: str) -> RequestTotals:
+    path = StoreLayout.at(store_dir).request_totals_path
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        requests = data["requests"]
+        if not all(isinstance(k, str) and isinstance(v, int) for k, v in requests.items()):
+            raise ValueError("not counts")
+        return RequestTotals(dict(requests), data.get("folded"))
+    except FileNotFoundError:
+        return RequestTotals()
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        log.warning("%s is damaged; request totals start again from 0", path)
+        return RequestTotals()
+
+
+def _save_totals(store_dir: str, totals: RequestTotals) -> None:
+    path = StoreLayout.at(store_dir).request_totals_path
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"requests": totals.requests, "folded": totals.folded}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _run_counts(metrics_dir: str) -> dict[str, float]:
+    """Requests by outcome in one run's metrics directory."""
+    if not os.path.isdir(metrics_dir) or not any(name.endswith(".db") for name in os.listdir(metrics_dir)):
         return {}
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -249,6 +392,27 @@ def _request_counts(store_dir: str) -> dict[str, float]:
             if sample.name == "cachefetch_requests_total":
                 counts[sample.labels["outcome"]] = counts.get(sample.labels["outcome"], 0) + sample.value
     return counts
+
+
+def _request_counts(store_dir: str) -> dict[str, float]:
+    """Requests by outcome over every run on this store."""
+    totals = _load_totals(store_dir)
+    counts: dict[str, float] = dict(totals.requests)
+    if totals.folded is None or _run_id(store_dir) != totals.folded:  # else folded, not yet wiped
+        for outcome, n in _run_counts(StoreLayout.at(store_dir).metrics_dir).items():
+            counts[outcome] = counts.get(outcome, 0) + n
+    return counts
+
+
+# -- stats / verify / gc -----------------------------------------------------
+
+def _open(store_dir: str, heal: bool = True):
+    """The store and its index; with ``heal``, a damaged index is moved aside and rebuilt."""
+    from .index import SQLiteIndex
+    from .store import CAFS
+
+    store = CAFS(store_dir)
+    return store, SQLiteIndex(store.layout.index_path, heal=heal)
 
 
 def _stats(args: argparse.Namespace) -> int:

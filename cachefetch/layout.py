@@ -8,7 +8,9 @@ here and nowhere else::
     tmp/cf-*.tmp            other temp files (puts, copies in)
     inflight/<id>.lock      a flight's lock and journal
     index.sqlite3 (+ -wal, -shm, .gen)   the embedded index
-    metrics/                prometheus_client's multi-process files
+    metrics/                prometheus_client's multi-process files (this run of serve)
+    metrics/run-id          which run of serve they count
+    request-totals.json     request counters of the earlier runs of serve
     gc.lock                 one garbage collector at a time
 """
 from __future__ import annotations
@@ -70,6 +72,14 @@ class StoreLayout:
     @property
     def metrics_dir(self) -> str:
         return os.path.join(self.root, "metrics")
+
+    @property
+    def metrics_run_id_path(self) -> str:
+        return os.path.join(self.root, "metrics", "run-id")
+
+    @property
+    def request_totals_path(self) -> str:
+        return os.path.join(self.root, "request-totals.json")
 
     @property
     def gc_lock_path(self) -> str:

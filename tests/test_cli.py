@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -418,6 +419,14 @@ BAD_SERVE = [
     pytest.param(("--upstream", "http://127.0.0.1:99999"), id="upstream-port-range"),
     pytest.param(("--upstream", "http://127.0.0.1:9", "--negative-ttl", "-1"), id="negative-ttl-negative"),
     pytest.param(("--upstream", "http://127.0.0.1:9", "--log-level", "loud"), id="log-level-junk"),
+    pytest.param(("--upstream", "http://127.0.0.1:9", "--max-object-size", "0"), id="max-object-size-0"),
+    pytest.param(("--upstream", "http://127.0.0.1:9", "--max-object-size", "none"), id="max-object-size-none"),
+    pytest.param(("--upstream", "http://127.0.0.1:9", "--max-object-size", "-1M"), id="max-object-size-negative"),
+    pytest.param(("--upstream", "http://127.0.0.1:9", "--max-size", "1G", "--max-object-size", "2G"),
+                 id="max-object-size-over-max-size"),
+    pytest.param(("--upstream", "http://127.0.0.1:9", "--header-timeout", "0"), id="header-timeout-0"),
+    pytest.param(("--upstream", "http://127.0.0.1:9", "--send-timeout", "soon"), id="send-timeout-junk"),
+    pytest.param(("--upstream", "http://127.0.0.1:9", "--graceful-timeout", "-4"), id="graceful-timeout-negative"),
 ]
 
 
@@ -501,3 +510,106 @@ def test_repairing_commands_move_a_damaged_index_aside_and_rebuild_it(tmp_path, 
     assert len(aside) == 1
     assert SQLiteIndex(root / "index.sqlite3", heal=False).totals()[0] == 0  # a sound, empty index
     assert command[0] == "gc" or store.exists(kept.hash)  # blobs kept for gc
+
+
+# -- serve's limits, access log, counters across runs ------------------------------
+
+@pytest.mark.parametrize("args, expected", [
+    ((), 8 << 30),                                          # no --max-size: the fixed cap
+    (("--max-size", "20G"), (20 << 30) // 8),               # 1/8 of the store
+    (("--max-size", "20G", "--max-object-size", "5G"), 5 << 30),
+    (("--max-object-size", "unlimited"), None),
+    (("--max-object-size", "Unlimited", "--max-size", "1G"), None),
+])
+def test_max_object_size_defaults_to_an_eighth_of_max_size_or_a_fixed_cap(args, expected):
+    from cachefetch.cli import build_parser, max_object_size
+
+    parsed = build_parser().parse_args(["serve", "--upstream", "http://127.0.0.1:9", *args])
+    assert max_object_size(parsed) == expected
+
+
+def test_serve_stores_nothing_larger_than_max_object_size(tmp_path):
+    store_dir = str(tmp_path / "store")
+    small, large = os.urandom(50_000), os.urandom(300_000)
+    with Origin() as origin:
+        origin.files["/small.bin"] = Resource(small)
+        origin.files["/large.bin"] = Resource(large)
+        with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", store_dir,
+                              "--max-object-size", "100K") as server:
+            first = fetch(server.port, "/large.bin")
+            assert first.body == large and first.headers["Cache-Status"] == "cachefetch; fwd=miss; detail=too-large"
+            assert fetch(server.port, "/small.bin").body == small
+            index = SQLiteIndex(os.path.join(store_dir, "index.sqlite3"))
+            try:
+                # keys are the exact upstream URLs the proxy fetched
+                wait_until(lambda: keys(index) == {origin.url + "/small.bin"}, what="the small body to be stored")
+            finally:
+                index.close()
+            again = fetch(server.port, "/large.bin")
+            assert again.body == large and "fwd=miss" in again.headers["Cache-Status"]
+    assert origin.hits["/large.bin"] == 2 and origin.hits["/small.bin"] == 1
+
+
+def _access_lines(path: str) -> list[str]:
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def test_access_log_lines_carry_cache_status_and_the_body_bytes_really_sent(tmp_path):
+    body = os.urandom(32 << 20)  # far more than socket buffers hold, so a client that leaves early shows
+    access_log = str(tmp_path / "access.log")
+    with Origin() as origin:
+        origin.files["/big.bin"] = Resource(body)
+        with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", str(tmp_path / "store"),
+                              "--access-log", access_log) as server:
+            assert fetch(server.port, "/big.bin").body == body  # the miss
+            wait_until(lambda: "; hit" in fetch(server.port, "/big.bin", method="HEAD").headers["Cache-Status"],
+                       what="the body to be committed")
+            assert fetch(server.port, "/big.bin").body == body  # a sendfile hit, read to the end
+            partial = fetch(server.port, "/big.bin", stop_after=1 << 20)  # a hit the client leaves early
+            assert not partial.complete
+            wait_until(lambda: sum('"GET ' in line for line in _access_lines(access_log)) == 3,
+                       what="a log line for each GET")
+    lines = _access_lines(access_log)
+    pattern = re.compile(r'"(?P<method>[A-Z]+) /big.bin HTTP/1.1" (?P<status>\d+) (?P<sent>\d+) .* '
+                         r'"(?P<cache_status>[^"]*)" \d+ms$')
+    parsed = [pattern.search(line) for line in lines]
+    assert all(parsed), lines
+    get_lines = [m for m in parsed if m["method"] == "GET"]
+    miss, hit, left = get_lines
+    assert (miss["cache_status"], int(miss["sent"])) == ("cachefetch; fwd=miss; stored", len(body))
+    assert hit["cache_status"].startswith("cachefetch; hit") and int(hit["sent"]) == len(body)
+    assert left["cache_status"].startswith("cachefetch; hit")
+    assert (1 << 20) <= int(left["sent"]) < len(body)  # what the kernel took, not what was announced
+
+
+def test_stats_counters_add_up_over_restarts_and_a_start_folds_a_run_once(tmp_path):
+    store_dir = str(tmp_path / "store")
+    body = os.urandom(10_000)
+    with Origin() as origin:
+        origin.files["/f.bin"] = Resource(body)
+
+        def run(hits: int) -> None:
+            with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", store_dir) as server:
+                for _ in range(hits):
+                    wait_until(lambda: "; hit" in fetch(server.port, "/f.bin").headers["Cache-Status"],
+                               what="a hit")
+
+        run(1)  # a miss, then hits until one
+        first, _ = stats(store_dir)
+        assert first["misses"] == 1 and first["hits"] >= 1
+        run(2)
+        second, _ = stats(store_dir)
+        assert second["misses"] == 1 and second["hits"] == first["hits"] + 2
+
+        # A start that folded the last run but died before clearing its directory:
+        # neither stats nor the next start may count that run twice.
+        metrics = os.path.join(store_dir, "metrics")
+        kept = str(tmp_path / "kept-metrics")
+        shutil.copytree(metrics, kept)
+        run(0)  # folds run 2
+        shutil.rmtree(metrics)
+        shutil.copytree(kept, metrics)  # run 2's directory, already folded, is back
+        assert stats(store_dir)[0]["hits"] == second["hits"]
+        run(0)
+        assert stats(store_dir)[0]["hits"] == second["hits"]
