@@ -128,6 +128,21 @@ class _Response(wsgi.Response):
     def __init__(self, req: Any, sock: socket.socket, cfg: Any) -> None:
         super().__init__(req, sock, cfg)
         self.tail: _Tail | None = None
+        self.date: str | None = None
+
+    def process_headers(self, headers: list[tuple[str, str]]) -> None:
+        # gunicorn drops an app's Date as if it were hop-by-hop and sends its
+        # own: a cache must replay the origin's (RFC 9111 §4, RFC 9110 §6.6.1).
+        for name, value in headers:
+            if isinstance(name, str) and name.lower() == "date" and isinstance(value, str):
+                self.date = value.strip(" \t")
+        super().process_headers(headers)
+
+    def default_headers(self) -> list[str]:
+        lines = super().default_headers()
+        if self.date is not None and wsgi.HEADER_VALUE_RE.fullmatch(self.date):
+            lines = [f"Date: {self.date}\r\n" if line.startswith("Date: ") else line for line in lines]
+        return lines
 
     def _emit_body(self, data: bytes) -> None:
         # write() has counted all of ``data`` already: take back what did not go out.
