@@ -161,8 +161,13 @@ class Fill:
         Any other exception from ``on_start`` propagates (nothing is started).
         """
         try:
-            fd, self.temp_path = tempfile.mkstemp(prefix=self._opts.temp_prefix, suffix=".part",
-                                                  dir=self._opts.temp_dir)
+            try:
+                fd, self.temp_path = tempfile.mkstemp(prefix=self._opts.temp_prefix, suffix=".part",
+                                                      dir=self._opts.temp_dir)
+            except FileNotFoundError:  # the store's tmp/ was removed: recreate it, once
+                os.makedirs(self._opts.temp_dir, exist_ok=True)
+                fd, self.temp_path = tempfile.mkstemp(prefix=self._opts.temp_prefix, suffix=".part",
+                                                      dir=self._opts.temp_dir)
             self._file = os.fdopen(fd, "wb", buffering=0)
             if self._on_start is not None:
                 self._on_start(self.temp_path)

@@ -29,12 +29,12 @@ import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator, Union
+from typing import Iterator, Protocol, Union
 
 from .hashing import hash_bytes
 from .layout import StoreLayout, flight_temp_prefix
 
-__all__ = ["Flights", "Lead", "Follow", "Journal", "LeaderGone", "JournalOrderError", "Record", "LeaderRecord",
+__all__ = ["FlightsSeam", "Leading", "Following", "Flights", "Lead", "Follow", "Journal", "LeaderGone", "JournalOrderError", "Record", "LeaderRecord",
            "HeadRecord", "DoneRecord", "FailedRecord", "UncacheableRecord", "RefreshedRecord", "encode_record",
            "decode_record", "JOURNAL_VERSION"]
 
@@ -195,6 +195,45 @@ class _JournalReader:
             self.journal = Journal(j.leader, record, j.final)
         elif record is not None:
             self.journal = Journal(j.leader, j.head, record)
+
+
+class Leading(Protocol):
+    """The leader's side of a flight, whatever coordinates it (see :class:`Lead`)."""
+
+    fid: str
+
+    @property
+    def temp_prefix(self) -> str: ...
+    @property
+    def active(self) -> bool: ...
+    def publish(self, head: HeadRecord) -> None: ...
+    def done(self, hash_hex: str, size: int) -> None: ...
+    def refreshed(self, hash_hex: str, variant: str = "") -> None: ...
+    def fail(self, why: str, message: str = "") -> None: ...
+    def uncacheable(self, status: int) -> None: ...
+    def release(self) -> None: ...
+
+
+class Following(Protocol):
+    """A follower's side of a flight (see :class:`Follow`)."""
+
+    def journal(self) -> Journal: ...
+    def wait(self, deadline: float) -> Journal: ...
+    def wait_released(self, deadline: float) -> bool: ...
+    def body(self, path: str, deadline: float | None = None, start: int = 0,
+             stop: int | None = None) -> Iterator[bytes]: ...
+    def close(self) -> None: ...
+
+
+class FlightsSeam(Protocol):
+    """The flights seam: one fetch per key at a time among everyone sharing it.
+    :class:`Flights` is the embedded one (threads and processes of one host)."""
+
+    def lead(self, key: str) -> Leading | None:
+        """Lead ``key``'s flight, or ``None`` if someone else leads it now."""
+
+    def follow(self, key: str) -> Following | None:
+        """Attach to ``key``'s running flight, or ``None`` if none runs."""
 
 
 def read_journal(fd: int) -> Journal:
@@ -449,13 +488,18 @@ class Flights:
         """Become the leader of ``key``'s flight, or ``None`` if another leads it now.
 
         A journal left by a leader that died is cleared (with its body file)
-        on the way.
+        on the way; the directories are recreated if they were removed.
 
         :raises OSError: if the journal cannot be created or written.
         """
         path = self.path(key)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # the store's directories were removed: heal, once
+                os.makedirs(self.dir, exist_ok=True)
+                os.makedirs(self.temp_dir, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             if not _try_lock(fd):
                 os.close(fd)
                 return None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from .. import policy
-from ..flights import Flights
+from ..flights import FlightsSeam
 from ..index import Entry, Index
 from ..policy import CacheRules, CacheStatus
 from ..store import CAFS
@@ -50,7 +50,7 @@ class Context:
     app: WSGIApp
     store: CAFS
     index: Index
-    flights: Flights
+    flights: FlightsSeam
     committer: Committer
     rules: CacheRules
     key: Callable[[WSGIEnviron], str | None]

@@ -23,8 +23,8 @@ import weakref
 from typing import Callable, Iterable
 
 from .. import policy
-from ..flights import Flights
-from ..index import Index, SQLiteIndex
+from ..flights import Flights, FlightsSeam
+from ..index import Index, IndexUnavailable, SQLiteIndex
 from ..logutil import warn_limited
 from ..policy import FOREVER, Action, CacheRules, CacheStatus, RequestFacts, RequestPlan
 from ..store import CAFS
@@ -109,7 +109,7 @@ class CacheFetch:
 
     def __init__(self, app: WSGIApp, store: CAFS | str | os.PathLike[str], *,
                  index: Index | None = None,
-                 flights: Flights | None = None,
+                 flights: FlightsSeam | None = None,
                  key: Callable[[WSGIEnviron], str | None] | None = None,
                  default_ttl: float | str | None = None,
                  heuristic_max: float = 86400.0,
@@ -203,7 +203,11 @@ class CacheFetch:
         deadline = time.monotonic() + self.wait_timeout
         flight, refreshed = None, False
         for _ in range(_MAX_PLANS):
-            entries = self.index.get(key)
+            try:
+                entries = self.index.get(key)
+            except IndexUnavailable:  # the store is unusable now: answer, just do not cache
+                return passthrough(self._ctx, environ, start_response,
+                                   CacheStatus(fwd="miss", detail="store-unavailable"))
             entry = hit.matching(entries, environ)
             if entry is not None and not policy.shareable(entry, request, self.rules):
                 entry = None
@@ -249,10 +253,14 @@ class CacheFetch:
             lead = None if head_request else self.flights.lead(flight)
             follow = None if lead is not None or request.authorized else self.flights.follow(flight)
         except OSError as exc:  # e.g. a full disk: serve, just do not cache
-            warn_limited(log, "flights", "cannot coordinate fetches in %s: %s", self.flights.dir, exc)
+            warn_limited(log, "flights", "cannot coordinate fetches (%r): %s", self.flights, exc)
             return passthrough(ctx, environ, start_response, plan.status.with_(detail="store-unavailable"))
         if lead is not None:
-            now_entry = hit.matching(self.index.get(key), environ)
+            try:
+                now_entry = hit.matching(self.index.get(key), environ)
+            except IndexUnavailable:
+                lead.release()
+                return passthrough(ctx, environ, start_response, plan.status.with_(detail="store-unavailable"))
             if now_entry is not None and now_entry != plan.entry:  # committed or refreshed since we looked
                 replan = policy.plan_request(request, now_entry, ctx.clock(), self.rules)
                 if replan.action is Action.HIT and policy.shareable(now_entry, request, self.rules):

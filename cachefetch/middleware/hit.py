@@ -7,7 +7,7 @@ import time
 from typing import Any, Iterable
 
 from .. import policy
-from ..index import Entry, Index
+from ..index import Entry, Index, IndexUnavailable
 from ..logutil import warn_limited
 from ..policy import CacheStatus
 from ..replay import ServeOptions, serve_blob_file
@@ -52,7 +52,10 @@ def serve_entry(ctx: Context, environ: WSGIEnviron, start_response: StartRespons
         file = ctx.store.open(entry.hash, buffered=False)
     except BlobNotFound:
         log.warning("entry %r points at missing blob %s; dropping it", entry.key, entry.hash.hex)
-        ctx.index.delete(entry.key, entry.variant)
+        try:
+            ctx.index.delete(entry.key, entry.variant)
+        except IndexUnavailable:
+            pass  # the next look finds it again, and drops it then
         return None
     return serve_open(ctx, environ, start_response, entry, file, status)
 

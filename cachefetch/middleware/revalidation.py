@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from .. import policy
 from ..flights import Lead
-from ..index import Entry
+from ..index import Entry, IndexUnavailable
 from ..policy import CacheStatus, RequestFacts
 from ..wsgi import StartResponse, WSGIEnviron
 from .context import AppResponse, Context, call_app, close_quietly, passthrough, without_conditionals
@@ -68,10 +68,13 @@ class Revalidation:
         ours = None
         for entry in selected:
             refreshed = self._refreshed(entry, response)
-            if refreshed is None:
-                ctx.index.delete(entry.key, entry.variant)
-            else:
-                ctx.index.put(refreshed)
+            try:
+                if refreshed is None:
+                    ctx.index.delete(entry.key, entry.variant)
+                else:
+                    ctx.index.put(refreshed)
+            except IndexUnavailable:
+                refreshed = None  # validated for this client, just not recorded
             if entry is self.stale:
                 ours = refreshed or entry
         self.lead.refreshed(self.stale.hash.hex, self.stale.variant)
