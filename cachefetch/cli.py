@@ -205,7 +205,7 @@ def _add_route_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--config", default=None, metavar="FILE",
                        help="TOML file of [[route]] prefix/protocol/upstream entries (instead of --upstream)")
     serve.add_argument("--read-only", action="store_true", help="refuse every method but GET and HEAD (405)")
-    serve.add_argument("--default-ttl", type=_default_ttl, default="forever", metavar="SECONDS|forever|rfc",
+    serve.add_argument("--default-ttl", type=_default_ttl, default=None, metavar="SECONDS|forever|rfc",
                        help="freshness of an answer that states none; rfc: RFC 9111 heuristics and "
                             "revalidation (default: %(default)s)")
     serve.add_argument("--packument-ttl", type=float, default=300, help="(npm) seconds a packument is fresh")

@@ -674,7 +674,7 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
                packument_ttl: float = 300, negative_ttl: float = 60, stale_if_error: float | None = 7 * 86400,
                threads: int = 32, connect_timeout: float = 5.0, read_timeout: float = 60.0,
                max_object_size: int | None = None, wait_timeout: float = 60.0, fsync: bool = True,
-               read_only: bool = False, default_ttl: float | str | None = "forever") -> ProxyApp:
+               read_only: bool = False, default_ttl: float | str | None = None) -> ProxyApp:
     """A pull-through caching proxy for ``upstream`` (or several ``routes``) as a WSGI app.
 
     :param upstream: base URL of the origin (``https://pypi.org``), served at

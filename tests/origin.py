@@ -84,6 +84,13 @@ class Origin:
                     res.gate.wait(30)
                 if res.delay:
                     time.sleep(res.delay)  # a slow origin is the behaviour under test
+                etag = res.headers.get("ETag")
+                if etag and etag in [t.strip() for t in self.headers.get("If-None-Match", "").split(",")]:
+                    self.send_response(304)  # as a real origin answers a revalidation
+                    for k, v in res.headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    return
                 self.send_response(res.status)
                 self.send_header("Content-Type", res.content_type)
                 length = res.announce if res.announce is not None else len(res.body)

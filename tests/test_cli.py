@@ -325,7 +325,7 @@ def test_stats_counts_hits_misses_and_collapsed_of_a_real_serve(tmp_path):
     with Origin() as origin:
         origin.files["/pkg/small.bin"] = Resource(small)
         origin.files["/pkg/big.bin"] = Resource(big)
-        with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", store_dir, "--workers", "2",
+        with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url, "--store", store_dir, "--workers", "2",
                               "--threads", "4") as server:
             index = SQLiteIndex(os.path.join(store_dir, "index.sqlite3"))
             try:
@@ -534,7 +534,7 @@ def test_serve_stores_nothing_larger_than_max_object_size(tmp_path):
     with Origin() as origin:
         origin.files["/small.bin"] = Resource(small)
         origin.files["/large.bin"] = Resource(large)
-        with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", store_dir,
+        with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url, "--store", store_dir,
                               "--max-object-size", "100K") as server:
             first = fetch(server.port, "/large.bin")
             assert first.body == large and first.headers["Cache-Status"] == "cachefetch; fwd=miss; detail=too-large"
@@ -560,7 +560,7 @@ def test_access_log_lines_carry_cache_status_and_the_body_bytes_really_sent(tmp_
     access_log = str(tmp_path / "access.log")
     with Origin() as origin:
         origin.files["/big.bin"] = Resource(body)
-        with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", str(tmp_path / "store"),
+        with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url, "--store", str(tmp_path / "store"),
                               "--access-log", access_log) as server:
             assert fetch(server.port, "/big.bin").body == body  # the miss
             wait_until(lambda: "; hit" in fetch(server.port, "/big.bin", method="HEAD").headers["Cache-Status"],
@@ -590,7 +590,7 @@ def test_stats_counters_add_up_over_restarts_and_a_start_folds_a_run_once(tmp_pa
         origin.files["/f.bin"] = Resource(body)
 
         def run(hits: int) -> None:
-            with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", store_dir) as server:
+            with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url, "--store", store_dir) as server:
                 for _ in range(hits):
                     wait_until(lambda: "; hit" in fetch(server.port, "/f.bin").headers["Cache-Status"],
                                what="a hit")

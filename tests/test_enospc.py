@@ -57,7 +57,7 @@ def test_full_disk_streams_the_whole_body_stores_nothing_and_keeps_serving(tmp_p
         origin.files["/f/big.bin"] = Resource(big)
         origin.files["/f/later.bin"] = Resource(later)
         # one worker: the once-a-minute warning is per process
-        with cachefetch_serve(tmp_path, "--upstream", origin.url + "/f", "--store", str(store),
+        with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url + "/f", "--store", str(store),
                               "--workers", "1", "--threads", "8") as server:
             first = fetch(server.port, "/small.bin")
             assert first.status == 200 and first.body == small

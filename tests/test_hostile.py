@@ -229,7 +229,7 @@ def test_500_hostile_requests(tmp_path):
         origin.files["/etc/passwd"] = Resource(SECRET)
         # --read-only: odd methods are refused by the proxy itself; forwarded, the
         # origin's own 501 for them would be passed through as sent.
-        with cachefetch_serve(tmp_path, "--upstream", origin.url + BASE, "--store", str(store),
+        with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url + BASE, "--store", str(store),
                               "--workers", "2", "--threads", "16", "--read-only") as server:
             # warm: a.txt cached, so Range/If-None-Match meet a hit
             assert fetch(server.port, "/a.txt").body == FILES["/a.txt"]

@@ -23,7 +23,7 @@ BIG = 3 << 20  # several 1 MiB upstream chunks
 
 
 def serve(tmp_path, upstream: str, *args: str):
-    return cachefetch_serve(tmp_path, "--upstream", upstream, "--store", str(tmp_path / "store"),
+    return cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", upstream, "--store", str(tmp_path / "store"),
                             "--workers", "2", "--threads", "8", *args)
 
 

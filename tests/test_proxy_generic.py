@@ -8,8 +8,11 @@ import os
 import socket
 import subprocess
 import threading
+import time
 
 from harness import cachefetch_serve, fetch, free_port
+
+from cachefetch.policy import format_http_date
 from origin import Origin, Resource
 from registries import tool
 
@@ -131,7 +134,10 @@ def test_aria2c_with_8_connections_on_a_cold_300_mib_file_costs_one_upstream_fet
     aria2c = tool("aria2c")
     data = os.urandom(1 << 20) * 300
     with Origin() as origin:
-        origin.files["/big.bin"] = Resource(data)
+        # As a file server sends it: validators, no explicit freshness (RFC 9111
+        # heuristics then keep it 10% of its age since Last-Modified: a week -> 16.8 h).
+        origin.files["/big.bin"] = Resource(data, headers={"Last-Modified": format_http_date(time.time() - 7 * 86400),
+                                                           "ETag": '"big-v1"'})
         access = tmp_path / "access.log"
         with serve(tmp_path, origin.url, "--access-log", str(access)) as server:
             done = subprocess.run([aria2c, "-x8", "-s8", "-k1M", "--no-conf", "--allow-overwrite=true",

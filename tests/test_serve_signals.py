@@ -23,7 +23,7 @@ def test_stop_signal_exits_0_with_the_fetched_body_committed(tmp_path, sig):
     store = tmp_path / "store"
     with Origin() as origin:
         origin.files["/f.bin"] = Resource(body)
-        with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", str(store), "--threads", "4") as server:
+        with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url, "--store", str(store), "--threads", "4") as server:
             r = fetch(server.port, "/f.bin")
             assert r.complete and r.body == body
             # Stop at once: the commit may still be queued; the worker's exit hook lets it land.
@@ -93,7 +93,7 @@ class TricklingOrigin:
 @pytest.mark.parametrize("client", ["left", "reading"])
 def test_sigterm_returns_within_5s_while_a_fetch_trickles_at_1_byte_per_second(tmp_path, client):
     with TricklingOrigin() as origin:
-        with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", str(tmp_path / "store"),
+        with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url, "--store", str(tmp_path / "store"),
                               "--workers", "2", "--threads", "4") as server:
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
             try:

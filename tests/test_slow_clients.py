@@ -33,7 +33,7 @@ def serving(tmp_path, *args: str, files: dict[str, bytes] | None = None):
     with Origin() as origin:
         for path, body in (files or {"/big.bin": BIG, "/small.bin": SMALL}).items():
             origin.files[path] = Resource(body)
-        with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", str(tmp_path / "store"),
+        with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url, "--store", str(tmp_path / "store"),
                               "--workers", "1", "--threads", "2", *args) as server:
             server.extra["origin"] = origin
             yield server
