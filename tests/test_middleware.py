@@ -1074,7 +1074,9 @@ def test_leader_client_hanging_up_still_completes_for_followers_and_cache(make, 
     assert leader_out["first"] and b"".join(chunks).startswith(leader_out["first"])
     for r in followers:
         assert r.error is None and r.body == b"".join(chunks)
-        assert r.headers["Cache-Status"] == COLLAPSED
+        # A follower that first looks once the fill has the whole body waits for
+        # the commit and is answered as a hit: either way, never by the app.
+        assert r.headers["Cache-Status"] == COLLAPSED or r.headers["Cache-Status"].startswith(HIT)
     assert_clean(mw)
     r = Recorder(mw, "/big")
     r.run()

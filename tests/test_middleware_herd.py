@@ -44,8 +44,11 @@ def test_herd_of_48_calls_app_once_and_followers_stream(env, tmp_path):
         kinds = [r.headers["Cache-Status"] for r in results]
         leaders = [r for r in results if r.headers["Cache-Status"].endswith("stored")]
         followers = [r for r in results if r.headers["Cache-Status"].endswith("collapsed")]
+        # A client that one worker accepted but had no thread for until the body
+        # was complete is answered as a hit: never by the app.
+        late = [r for r in results if r.headers["Cache-Status"].startswith("cachefetch; hit")]
         assert len(leaders) == 1, kinds
-        assert len(followers) == 47, kinds
+        assert len(followers) + len(late) == 47 and len(followers) >= 40, kinds
         leader_ttfb = leaders[0].ttfb
         median = statistics.median(f.ttfb for f in followers)
         print(f"leader ttfb {leader_ttfb:.3f}s, follower median {median:.3f}s, max {max(f.ttfb for f in followers):.3f}s")

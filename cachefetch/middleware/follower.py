@@ -6,11 +6,13 @@ from typing import Iterable
 
 from .. import policy
 from ..flights import DoneRecord, FailedRecord, Follow, HeadRecord, LeaderGone, RefreshedRecord, UncacheableRecord
+from ..fill import FillFailed
 from ..index import Entry
 from ..policy import CacheStatus, Outcome, RequestFacts
 from ..wsgi import StartResponse, WSGIEnviron, plain_response
 from .context import Context, Prepended, Retry, passthrough, respond
 from .hit import serve_stale
+from .leader import local_fill
 
 __all__ = ["follow_flight"]
 
@@ -95,15 +97,20 @@ def _answer(ctx: Context, environ: WSGIEnviron, start_response: StartResponse, f
     if environ.get("REQUEST_METHOD") == "HEAD":
         client(line, headers)
         return []
+    fill = local_fill(head.body)
     try:
-        body = follow.body(head.body, deadline, start, stop)
+        if fill is not None and fill.caching:  # our own process fetches it: be woken, not poll
+            reader = fill.reader(start, stop, deadline)
+            body = iter(reader)
+        else:
+            body = follow.body(head.body, deadline, start, stop)
         first = next(body, b"")
     except FileNotFoundError:  # committed (or discarded) since: be a hit, or lead
         follow.wait_released(deadline)
         raise Retry(settled=True) from None
     except TimeoutError:
         return _wait_timed_out(ctx, environ, start_response)
-    except LeaderGone:
+    except (LeaderGone, FillFailed):
         final = follow.journal().final
         if isinstance(final, FailedRecord):
             return _failed(ctx, environ, start_response, final, stale, request)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Iterable
 
 from .. import policy
@@ -15,7 +16,16 @@ from ..wsgi import StartResponse, WSGIEnviron, plain_response
 from .context import AppResponse, Context, respond
 from .hit import serve_stale
 
-__all__ = ["LeaderRun"]
+__all__ = ["LeaderRun", "local_fill"]
+
+# The fills this process runs, by temp path: a follower in the same process
+# reads through the fill (woken as bytes land) instead of polling the file.
+_local_fills: "weakref.WeakValueDictionary[str, Fill]" = weakref.WeakValueDictionary()
+
+
+def local_fill(temp_path: str) -> Fill | None:
+    """The running fill writing ``temp_path`` in this process, if any (any thread)."""
+    return _local_fills.get(temp_path)
 
 log = logging.getLogger("cachefetch.middleware")
 
@@ -43,6 +53,7 @@ class LeaderRun:
         self.environ, self.stale, self.status = environ, stale, status
         self.plan: StorePlan | None = None
         self.head: HeadRecord | None = None
+        self.fill: Fill | None = None
         self.code = 0
 
     # -- request thread --------------------------------------------------
@@ -73,6 +84,7 @@ class LeaderRun:
                                  last_modified=policy.header(plan.headers, "Last-Modified"),
                                  size=length if length >= 0 else None)
         span = (answer.start, answer.stop) if answer.outcome is Outcome.PARTIAL else (0, None)
+        self.fill = fill
         body = fill.start(*span)  # the fetch now runs at the upstream's pace, whoever reads
         if answer.outcome in (Outcome.NOT_MODIFIED, Outcome.PRECONDITION_FAILED, Outcome.UNSATISFIABLE):
             body.close()  # the client wants no body; the fetch goes on for the cache
@@ -105,7 +117,8 @@ class LeaderRun:
 
     def on_start(self, tmp_path: str) -> None:
         """The temp file exists: tell the followers where the body grows."""
-        assert self.head is not None
+        assert self.head is not None and self.fill is not None
+        _local_fills[tmp_path] = self.fill
         head = HeadRecord(self.head.status, self.head.headers, self.head.content_length, self.head.vary,
                           self.head.variant, tmp_path)
         try:
