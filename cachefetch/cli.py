@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
-        if not os.path.isdir(os.path.join(args.store, "blobs")):
+        if not os.path.isdir(StoreLayout.at(args.store).blobs_dir):
             print(f"cachefetch: error: no store at {args.store} (no blobs/ directory)", file=sys.stderr)
             return 2
         return {"stats": _stats, "verify": _verify, "gc": _gc}[args.command](args)

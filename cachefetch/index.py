@@ -29,7 +29,7 @@ from .logutil import warn_limited
 log = logging.getLogger("cachefetch.index")
 _T = TypeVar("_T")
 
-__all__ = ["Entry", "Index", "SQLiteIndex", "SQLiteQueues", "Usage", "ROW_WEIGHT", "IndexUnavailable"]
+__all__ = ["Entry", "Index", "MaintainedIndex", "SQLiteIndex", "SQLiteQueues", "Usage", "ROW_WEIGHT", "IndexUnavailable"]
 
 
 @dataclass(frozen=True)
@@ -254,6 +254,46 @@ INSERT OR REPLACE INTO totals
 INSERT OR REPLACE INTO queues
     SELECT {PENDING}, COUNT(*), COALESCE(SUM(size + {ROW_WEIGHT}), 0) FROM entries;
 """
+class MaintainedIndex(Index, Protocol):
+    """What upkeep (``cachefetch.maintenance``: verify, gc, the size limit, S3-FIFO)
+    needs beyond :class:`Index`: running totals, blob accounting and the eviction
+    queues. :class:`SQLiteIndex` implements it; a fleet index delegates it to the
+    host's own SQLiteIndex (each host evicts its own blobs)."""
+
+    def usage(self) -> "Usage":
+        """The running totals and the index's own size, in O(1)."""
+
+    def delete_hash(self, h: Hash) -> int:
+        """Remove every entry that points at blob ``h``."""
+
+    def known(self, h: Hash) -> bool:
+        """Whether the index accounts for blob ``h``."""
+
+    def unreferenced_blobs(self, before: float, limit: int = 1000) -> list[tuple[Hash, int]]:
+        """Blobs no entry has pointed at since before ``before``."""
+
+    def blob_hashes(self) -> Iterator[Hash]:
+        """Every blob some entry points at."""
+
+    def keys_for(self, h: Hash) -> list[tuple[str, str]]:
+        """``(key, variant)`` of every entry pointing at ``h``."""
+
+    def forget_blob(self, h: Hash) -> bool:
+        """Stop counting blob ``h`` (its file is gone)."""
+
+    def purge_expired(self, before: float, limit: int = 1000) -> int:
+        """Delete entries that expired before ``before``."""
+
+    def transaction(self) -> Any:
+        """A context manager: one write transaction."""
+
+    def queues(self) -> Any:
+        """The eviction queues' state (``cachefetch.eviction``)."""
+
+    def compact(self) -> None:
+        """Give free space back to the file system."""
+
+
 _GENERATION_SIZE = 16
 _MEMO_SLOTS = 4096
 _COLUMNS = "key, variant, hash, size, status, headers, stored_at, expires_at, vary, initial_age"

@@ -23,7 +23,7 @@ from .eviction.policy import DEFAULT_POLICY, Policy
 from .eviction.state import Item
 from .hashing import Hash
 from .flights import Flights
-from .index import SQLiteIndex, Usage
+from .index import MaintainedIndex, Usage
 from .store import CAFS
 
 __all__ = ["VerifyReport", "verify_store", "GCReport", "collect_garbage", "parse_size", "SizeLimiter",
@@ -95,7 +95,7 @@ def clear_orphans(store: CAFS, stale_after: float = 3600.0) -> list[str]:
     return removed
 
 
-def verify_store(store: CAFS, index: SQLiteIndex, repair: bool = False,
+def verify_store(store: CAFS, index: MaintainedIndex, repair: bool = False,
                  progress: Callable[[int, int, int], None] | None = None) -> VerifyReport:
     """Re-hash every blob and check every entry's blob exists; clear orphans.
 
@@ -182,7 +182,7 @@ def open_blobs(store: CAFS) -> set[str]:
     return held
 
 
-def _unlink_blob(store: CAFS, index: SQLiteIndex, h: Hash) -> bool:
+def _unlink_blob(store: CAFS, index: MaintainedIndex, h: Hash) -> bool:
     """Remove the file of a blob no entry points at, and stop counting it."""
     if index.referenced(h):
         return False
@@ -191,7 +191,7 @@ def _unlink_blob(store: CAFS, index: SQLiteIndex, h: Hash) -> bool:
     return removed
 
 
-def _unlink_blobs(store: CAFS, index: SQLiteIndex, hashes: set[Hash]) -> int:
+def _unlink_blobs(store: CAFS, index: MaintainedIndex, hashes: set[Hash]) -> int:
     """:func:`_unlink_blob` for many, forgotten in one transaction, then
     their files removed (a crash in between leaves files for the sweep)."""
     with index.transaction():
@@ -199,7 +199,7 @@ def _unlink_blobs(store: CAFS, index: SQLiteIndex, hashes: set[Hash]) -> int:
     return sum(store.delete(h) for h in gone)
 
 
-def sweep_blobs(store: CAFS, index: SQLiteIndex, *, grace: float = 600.0) -> int:
+def sweep_blobs(store: CAFS, index: MaintainedIndex, *, grace: float = 600.0) -> int:
     """Remove blob files the index does not know, once older than ``grace``
     seconds (a younger one may be a commit whose entry is about to be
     written), unless a process has one open. A walk of the whole store:
@@ -226,7 +226,7 @@ def sweep_blobs(store: CAFS, index: SQLiteIndex, *, grace: float = 600.0) -> int
     return removed
 
 
-def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int | None, *, grace: float = 600.0,
+def collect_garbage(store: CAFS, index: MaintainedIndex, max_size: int | None, *, grace: float = 600.0,
                     protect: float = 60.0, policy: str = DEFAULT_POLICY, stale_window: float = STALE_WINDOW,
                     sweep: bool = False) -> GCReport:
     """One pass of upkeep; evicts until the store takes at most ``max_size``
@@ -271,7 +271,8 @@ def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int | None, *, gr
             break
 
     busy: set[str] | None = None
-    for h, _size in _all_unreferenced(index, now - grace):
+    # Measured now, not at the start: the purge above has just unreferenced blobs.
+    for h, _size in _all_unreferenced(index, time.time() - grace):
         if busy is None:
             busy = open_blobs(store)
         if store.path(h) not in busy and _unlink_blob(store, index, h):
@@ -289,14 +290,14 @@ def collect_garbage(store: CAFS, index: SQLiteIndex, max_size: int | None, *, gr
     return report
 
 
-def _all_unreferenced(index: SQLiteIndex, before: float) -> Iterator[tuple[Hash, int]]:
+def _all_unreferenced(index: MaintainedIndex, before: float) -> Iterator[tuple[Hash, int]]:
     while batch := index.unreferenced_blobs(before, 1000):
         yield from batch
         if len(batch) < 1000:
             return
 
 
-def _evict(store: CAFS, index: SQLiteIndex, evictor: Policy, max_size: int, protect_from: float,
+def _evict(store: CAFS, index: MaintainedIndex, evictor: Policy, max_size: int, protect_from: float,
            usage: Usage) -> tuple[int, int]:
     """Evict in ``evictor``'s order until under ``max_size``, in transactions
     of a few hundred entries, each followed by the removal of the blobs it
@@ -352,7 +353,7 @@ class SizeLimiter:
         an unknown policy.
     """
 
-    def __init__(self, store: CAFS, index: SQLiteIndex, max_size: int, interval: float = 30.0, *,
+    def __init__(self, store: CAFS, index: MaintainedIndex, max_size: int, interval: float = 30.0, *,
                  policy: str = DEFAULT_POLICY, stale_window: float = STALE_WINDOW,
                  sweep_interval: float = 86400.0) -> None:
         if max_size < 0 or interval <= 0 or sweep_interval <= 0:
@@ -379,7 +380,7 @@ class SizeLimiter:
     def check(self) -> GCReport | None:
         """One pass now, unless another collector holds the store's lock
         (then ``None``). Runs in the caller's thread."""
-        lock_path = os.path.join(self.store.root, "gc.lock")
+        lock_path = self.store.layout.gc_lock_path
         with open(lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

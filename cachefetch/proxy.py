@@ -26,7 +26,7 @@ from urllib.parse import urljoin
 
 from . import metrics, policy
 from .config import RouteConfig
-from .index import SQLiteIndex
+from .index import Index, SQLiteIndex
 from .middleware import CacheFetch
 from .protocols import (ALL_HEADERS, HOP_BY_HOP, LocalAnswer, Protocol, Route, RouteError, make_protocol,
                         netloc_of, safe_path)
@@ -540,7 +540,7 @@ class ProxyApp:
     upstream fails, serves another stored representation the client accepts.
     """
 
-    def __init__(self, cached: CacheFetch, index: SQLiteIndex) -> None:
+    def __init__(self, cached: CacheFetch, index: Index) -> None:
         self.cached = cached
         self.index = index
         self.forwarder: Forwarder = cached.app
