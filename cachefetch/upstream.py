@@ -17,6 +17,8 @@ from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
+import urllib3.connection
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -176,6 +178,43 @@ def _is_timeout(exc: BaseException) -> bool:
     return False
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """A response that passes over interim 1xx answers (102 Processing, 103
+    Early Hints…): http.client skips only 100 Continue, and would take a 103
+    for the final answer. 101 is final (the connection changes protocol)."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 102 <= status < 200:
+                return version, status, reason
+            http.client._read_headers(self.fp)  # type: ignore[attr-defined]  # the interim answer's fields
+
+
+class _Connection(urllib3.connection.HTTPConnection):
+    response_class = _FinalResponse
+
+
+class _TLSConnection(urllib3.connection.HTTPSConnection):
+    response_class = _FinalResponse
+
+
+class _Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter, on connections that pass over interim answers."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+
+
 class Upstream:
     """A pooled HTTP client for one proxy.
 
@@ -193,7 +232,7 @@ class Upstream:
         self.timeout = (connect_timeout, read_timeout)
         retry = Retry(total=connect_retries, connect=connect_retries, read=0, status=0, other=0,
                       redirect=0, backoff_factor=0.1, raise_on_status=False)
-        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=retry, pool_block=False)
+        adapter = _Adapter(pool_connections=8, pool_maxsize=pool_size, max_retries=retry, pool_block=False)
         self.session = requests.Session()
         self.session.trust_env = False  # a proxy's own upstream must not be rerouted by env proxies
         self.session.mount("http://", adapter)

@@ -56,9 +56,21 @@ class Origin:
             def do_HEAD(self):
                 self.do_GET(head=True)
 
+            def _read_chunked(self) -> bytes:
+                body = b""
+                while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)) > 0:
+                    body += self.rfile.read(size)
+                    self.rfile.readline()  # the CRLF after each chunk
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields
+                return body
+
             def _record(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    body = self._read_chunked()
+                else:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    body = self.rfile.read(length) if length else b""
                 with origin._lock:
                     origin.hits[self.path] += 1
                     origin.requests.append((self.command, self.path, dict(self.headers.items()), body))

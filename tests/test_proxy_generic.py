@@ -149,3 +149,34 @@ def test_aria2c_with_8_connections_on_a_cold_300_mib_file_costs_one_upstream_fet
             assert origin.hits["/big.bin"] == 1
     statuses = [line.split('"')[2].split()[0] for line in access.read_text().splitlines() if "/big.bin" in line]
     assert statuses.count("206") >= 2, statuses  # its connections each got a part
+
+
+def test_an_interim_1xx_is_not_mistaken_for_the_final_answer(tmp_path):
+    sock, stop, thread = raw_origin(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nCache-Control: max-age=60\r\n"
+                                    b"Connection: close\r\n\r\nfinal")
+    try:
+        with serve(tmp_path, f"http://127.0.0.1:{sock.getsockname()[1]}") as server:
+            r = fetch(server.port, "/hints")
+            assert r.status == 200 and r.body == b"final"
+            assert r.headers["Cache-Status"] == "cachefetch; fwd=miss; stored"
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+def test_a_chunked_request_body_is_streamed_to_the_origin(tmp_path):
+    with Origin() as origin:
+        origin.files["/upload"] = Resource(b"thanks")
+        with serve(tmp_path, origin.url) as server:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            try:
+                conn.request("POST", "/upload", body=iter([b"part one, ", b"part two"]),
+                             headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+                resp = conn.getresponse()
+                assert resp.status == 200 and resp.read() == b"thanks"
+            finally:
+                conn.close()
+    (method, path, headers, body), = [r for r in origin.requests if r[1] == "/upload"]
+    assert method == "POST" and body == b"part one, part two"
