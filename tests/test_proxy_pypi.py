@@ -151,3 +151,26 @@ def test_pip_install_through_a_pep_691_json_index_with_pep_658_metadata(tmp_path
             assert files.hits[f"/packages/{filename}"] == 1
             # PEP 658: pip read the metadata file through the proxy, verified by its own digest
             assert files.hits[f"/packages/{filename}.metadata"] == 1
+
+
+def test_pip_installs_from_a_static_tree_with_relative_links(tmp_path):
+    """A dumb-pypi-style static tree: pages and files under one path, links
+    relative to the page (``../../packages/…``), index at ``/repo/simple/``."""
+    filename, wheel = build_wheel("statpkg", "2.0", 7)
+    sha = hashlib.sha256(wheel).hexdigest()
+    with Origin() as tree:
+        tree.files[f"/repo/packages/{filename}"] = Resource(wheel)
+        tree.files["/repo/simple/statpkg/"] = Resource(
+            f'<html><body><a href="../../packages/{filename}#sha256={sha}">{filename}</a></body></html>'.encode(),
+            content_type="text/html")
+        tree.files["/repo/simple/"] = Resource(b'<a href="statpkg/">statpkg</a>', content_type="text/html")
+        with cachefetch_serve(tmp_path, "--upstream", tree.url + "/repo/simple/", "--protocol", "pypi",
+                              "--store", str(tmp_path / "store"), "--threads", "8") as server:
+            done = pip("install", "--no-deps", "--target", str(tmp_path / "t"), "--index-url",
+                       f"{server.url}/simple/", "statpkg", cwd=tmp_path)
+            assert done.returncode == 0, done.stderr + server.log()
+            assert (tmp_path / "t" / "statpkg" / "__init__.py").read_text() == "VALUE = 7\n"
+            again = pip("install", "--no-deps", "--target", str(tmp_path / "t2"), "--index-url",
+                        f"{server.url}/simple/", "statpkg", cwd=tmp_path)
+            assert again.returncode == 0, again.stderr
+    assert tree.hits[f"/repo/packages/{filename}"] == 1  # the file came through the proxy, once
