@@ -893,7 +893,10 @@ def test_twenty_concurrent_requests_call_the_app_once(make, monkeypatch):
     statuses = [r.headers["Cache-Status"] for r in recorders]
     assert statuses[0] == STORED
     assert statuses.count(STORED) == 1
-    assert statuses.count(COLLAPSED) == 19
+    # The fetch runs at the app's pace: a follower whose first look at the
+    # journal comes after the body is complete is answered as a hit instead.
+    hits = sum(1 for s in statuses if s.startswith(HIT))
+    assert statuses.count(COLLAPSED) + hits == 19 and statuses.count(COLLAPSED) >= 1
     mw.committer.flush(WAIT)
     last = Recorder(mw, "/big")
     last.run()
