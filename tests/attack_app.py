@@ -61,9 +61,10 @@ def _trickled(path: str, every: float, limit: float):
 
 
 def raw_app(environ, start_response):
-    """Routes: ``/page/...`` (shareable, names the request's host and cookie),
-    ``/echo`` (shareable, echoes the request body), ``/trickle?every=S&limit=S``.
-    Every body but the trickle's carries a per-call nonce."""
+    """Routes: ``/echo`` (shareable, echoes the request body),
+    ``/trickle?every=S&limit=S``, and every other path a shareable page naming
+    the request's path, host and cookie. Every body but the trickle's carries
+    a per-call nonce."""
     path = environ.get("PATH_INFO", "/")
     query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
     _record("call", path)
@@ -77,13 +78,10 @@ def raw_app(environ, start_response):
         body = environ["wsgi.input"].read(length) if length else b""
         start_response("200 OK", shareable)
         return [b"echo body=" + body + b" nonce=" + nonce.encode()]
-    if path.startswith(("/page", "/restricted")):
-        text = (f"page path={path} host={environ.get('HTTP_HOST', '')} "
-                f"cookie={environ.get('HTTP_COOKIE', '')} nonce={nonce}")
-        start_response("200 OK", shareable)
-        return [text.encode()]
-    start_response("404 Not Found", [("Content-Type", "text/plain")])
-    return [b"no such route"]
+    text = (f"page path={path} host={environ.get('HTTP_HOST', '')} "
+            f"cookie={environ.get('HTTP_COOKIE', '')} nonce={nonce}")
+    start_response("200 OK", shareable)
+    return [text.encode()]
 
 
 def _bound(name: str) -> float | None:
