@@ -3,7 +3,8 @@ raw origin whose bodies are paced or endless (for ``cachefetch serve``).
 
 The WSGI side is configured through the environment:
   CF_ATTACK_STORE   the store directory
-  CF_ATTACK_EVENTS  a file the app appends "pid event path [n]" lines to
+  CF_TEST_CALLS     a file the app appends "pid event path [n]" lines to
+                    (read with herd_app.calls(env, event))
   CF_ATTACK_IDLE    CacheFetch's idle_timeout (optional)
   CF_ATTACK_TOTAL   CacheFetch's fetch_timeout (optional)
 Paths under ``/restricted`` go through a CacheFetch with ``hosts=["site.example"]``.
@@ -25,24 +26,14 @@ def attack_env(tmp_path, **options: float) -> dict[str, str]:
     """The environment for a gunicorn serving :data:`application`, all under ``tmp_path``;
     ``options``: ``idle`` and ``total`` bounds in seconds."""
     env = {"CF_ATTACK_STORE": os.path.join(tmp_path, "store"),
-           "CF_ATTACK_EVENTS": os.path.join(tmp_path, "events.log")}
+           "CF_TEST_CALLS": os.path.join(tmp_path, "events.log")}
     for name, value in options.items():
         env[f"CF_ATTACK_{name.upper()}"] = str(value)
     return env
 
 
-def events(env: dict[str, str], event: str | None = None) -> list[list[str]]:
-    """The app's recorded events so far (``[pid, event, path, ...]``), optionally of one kind."""
-    try:
-        with open(env["CF_ATTACK_EVENTS"]) as f:
-            lines = [line.split() for line in f]
-    except FileNotFoundError:
-        return []
-    return [line for line in lines if event is None or line[1] == event]
-
-
 def _record(event: str, path: str, *more: object) -> None:
-    with open(os.environ["CF_ATTACK_EVENTS"], "a") as f:
+    with open(os.environ["CF_TEST_CALLS"], "a") as f:
         f.write(" ".join([str(os.getpid()), event, path, *map(str, more)]) + "\n")
 
 

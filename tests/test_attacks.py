@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from attack_app import PacedOrigin, attack_env, events
+from attack_app import PacedOrigin, attack_env
 from harness import cachefetch_serve, fetch, gunicorn, wait_until
+from herd_app import calls as events
 from origin import Origin, Resource
 
 from cachefetch.index import SQLiteIndex
