@@ -465,6 +465,9 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"entry {key} points at missing blob {h.hex} ({verb})")
     for path in report.orphan_files:
         print(f"cleared orphan {path}")
+    if index.rebuilt_from is not None:
+        print(f"damaged index moved aside to {index.rebuilt_from} and rebuilt empty (its blobs stay for gc)")
+        return 1
     if report.damaged:
         print(f"damage {verb}: {len(report.corrupt_blobs)} corrupt blobs, "
               f"{len(report.missing_blob_entries)} entries without a blob")

@@ -512,6 +512,8 @@ class SQLiteIndex:
         if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
             raise FileNotFoundError(f"the index's directory does not exist: {self.path}")
         self._heal = heal
+        #: Where a damaged database was moved before this index rebuilt it (None: it was sound).
+        self.rebuilt_from: str | None = None
         try:
             self._connect()
         except sqlite3.DatabaseError as exc:
@@ -575,7 +577,7 @@ class SQLiteIndex:
         self._memo = {}
 
     def _rebuild(self, exc: BaseException) -> None:
-        aside = _quarantine(self.path)
+        aside = self.rebuilt_from = _quarantine(self.path)
         log.error("the index %s is damaged (%s): moved aside to %s and rebuilt empty; "
                   "its blobs stay for gc", self.path, exc, aside)
 

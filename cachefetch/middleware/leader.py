@@ -7,7 +7,8 @@ from typing import Iterable
 
 from .. import policy
 from ..flights import HeadRecord, Lead
-from ..index import Entry
+from ..index import Entry, IndexUnavailable
+from ..logutil import warn_limited
 from ..policy import CacheStatus, Outcome, RequestFacts, StorePlan
 from ..store import Blob
 from ..fill import Fill, FillOptions
@@ -148,6 +149,8 @@ class LeaderRun:
             if blob is not None:
                 self.ctx.index.put(self.entry)
                 log.info("stored %r as %s (%d bytes)", self.key, blob.hash.hex, blob.size)
+        except IndexUnavailable as exc:  # the store is unusable now: the blob waits for gc
+            warn_limited(log, "commit-index", "not recording %r: %s", self.key, exc)
         finally:
             self.lead.release()
 
