@@ -93,6 +93,11 @@ def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--send-timeout", type=_seconds, default=CachefetchWorker.send_timeout, metavar="SECONDS",
                        help="a client that takes (or sends) no byte for this long is dropped "
                             "(default: %(default)s)")
+    serve.add_argument("--fetch-timeout", type=_seconds, default=3600.0, metavar="SECONDS",
+                       help="an upstream fetch may take this long in all, whoever reads it; then it is "
+                            "cut and nothing stored (default: %(default)s)")
+    serve.add_argument("--idle-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                       help="an upstream fetch may go this long without a byte (default: %(default)s)")
     serve.add_argument("--worker-class", choices=("cachefetch", "gthread"), default="cachefetch",
                        help="cachefetch: gthread with the slow-client defences (default); gthread: "
                             "gunicorn's own, without them (for comparison)")
@@ -238,7 +243,8 @@ def _serve(args: argparse.Namespace) -> int:
     options = dict(files_upstreams=args.files_upstream, index_ttl=args.index_ttl, tag_ttl=args.tag_ttl,
                    negative_ttl=args.negative_ttl, threads=args.threads,
                    connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
-                   max_object_size=object_limit, **_route_options(args))
+                   max_object_size=object_limit, fetch_timeout=args.fetch_timeout,
+                   idle_timeout=args.idle_timeout, **_route_options(args))
     # Build one app now, in the arbiter, so bad options fail before any worker starts.
     create_app(args.upstream, store_dir, args.protocol, **options).close()
     from gunicorn.app.base import BaseApplication

@@ -674,7 +674,8 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
                packument_ttl: float = 300, negative_ttl: float = 60, stale_if_error: float | None = 7 * 86400,
                threads: int = 32, connect_timeout: float = 5.0, read_timeout: float = 60.0,
                max_object_size: int | None = None, wait_timeout: float = 60.0, fsync: bool = True,
-               read_only: bool = False, default_ttl: float | str | None = None) -> ProxyApp:
+               read_only: bool = False, default_ttl: float | str | None = None,
+               fetch_timeout: float | None = 3600.0, idle_timeout: float | None = 60.0) -> ProxyApp:
     """A pull-through caching proxy for ``upstream`` (or several ``routes``) as a WSGI app.
 
     :param upstream: base URL of the origin (``https://pypi.org``), served at
@@ -691,10 +692,12 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
         while the upstream is down or failing; ``None`` never.
     :param threads: the server's threads per worker (sizes the upstream pool).
     :param read_only: refuse (405) every method but GET and HEAD.
-    :param default_ttl: freshness of an answer stating none: seconds, ``"forever"``
-        (the default: an upstream that states nothing is taken to serve
-        immutable files), or ``None`` for RFC 9111's heuristics
-        (``Last-Modified``) and revalidation.
+    :param default_ttl: freshness of an answer stating none: ``None`` (the
+        default) for RFC 9111's heuristics (``Last-Modified``) and
+        revalidation, seconds, or ``"forever"`` for an upstream known to serve
+        immutable files that states nothing.
+    :param fetch_timeout: seconds an upstream fetch may take in all (see :class:`CacheFetch`).
+    :param idle_timeout: seconds an upstream fetch may go without a byte.
     :raises ValueError: on any bad option, before serving anything.
     """
     if routes is None:
@@ -711,5 +714,5 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
     index = SQLiteIndex(store.layout.index_path)
     cached = CacheFetch(forwarder, store, index=index, key=route_key, cache_statuses=(200, 404),
                         default_ttl=default_ttl, stale_if_error=stale_if_error, max_object_size=max_object_size,
-                        wait_timeout=wait_timeout)
+                        wait_timeout=wait_timeout, fetch_timeout=fetch_timeout, idle_timeout=idle_timeout)
     return ProxyApp(cached, index)

@@ -425,6 +425,8 @@ BAD_SERVE = [
     pytest.param(("--upstream", "http://127.0.0.1:9", "--max-size", "1G", "--max-object-size", "2G"),
                  id="max-object-size-over-max-size"),
     pytest.param(("--upstream", "http://127.0.0.1:9", "--header-timeout", "0"), id="header-timeout-0"),
+    pytest.param(("--upstream", "http://127.0.0.1:9", "--fetch-timeout", "0"), id="fetch-timeout-0"),
+    pytest.param(("--upstream", "http://127.0.0.1:9", "--idle-timeout", "never"), id="idle-timeout-word"),
     pytest.param(("--upstream", "http://127.0.0.1:9", "--send-timeout", "soon"), id="send-timeout-junk"),
     pytest.param(("--upstream", "http://127.0.0.1:9", "--graceful-timeout", "-4"), id="graceful-timeout-negative"),
 ]
