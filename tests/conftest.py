@@ -43,3 +43,33 @@ def add_entry(store: CAFS, index: SQLiteIndex, key: str, data: bytes, last_used:
     if last_used is not None:
         index.touch(key, "", last_used)
     return entry
+
+
+#: The injected clock's start (epoch seconds) for in-process CacheFetch tests.
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def now():
+    """The injected wall clock: ``now[0]``, advanced by the test."""
+    return [T0]
+
+
+@pytest.fixture
+def make(tmp_path, now):
+    """``make(app, **options)``: a CacheFetch on a fresh store with the injected clock
+    (closed after the test)."""
+    from cachefetch import CacheFetch
+
+    made = []
+
+    def make(app, **kw):
+        kw.setdefault("fsync", False)
+        kw.setdefault("clock", lambda: now[0])
+        mw = CacheFetch(app, kw.pop("store", tmp_path / "store"), **kw)
+        made.append(mw)
+        return mw
+
+    yield make
+    for mw in made:
+        mw.close()

@@ -141,18 +141,6 @@ def test_past_max_detached_a_fetch_nobody_reads_is_abandoned(tmp_path):
 
 # -- through the middleware ---------------------------------------------------
 
-@pytest.fixture
-def make(tmp_path):
-    made = []
-
-    def make(app, **kw):
-        mw = CacheFetch(app, tmp_path / "store", fsync=False, **kw)
-        made.append(mw)
-        return mw
-
-    yield make
-    for mw in made:
-        mw.close()
 
 
 def test_a_leader_that_stops_reading_holds_no_follower_back(make):

@@ -10,23 +10,8 @@ from test_middleware import App, assert_clean, cache_status, client, settled
 pytestmark = pytest.mark.usefixtures("now")
 
 
-@pytest.fixture
-def now():
-    return [1_700_000_000.0]
 
 
-@pytest.fixture
-def make(tmp_path, now):
-    made = []
-
-    def make(app, **kw):
-        mw = CacheFetch(app, tmp_path / "store", fsync=False, clock=lambda: now[0], **kw)
-        made.append(mw)
-        return mw
-
-    yield make
-    for mw in made:
-        mw.close()
 
 
 @pytest.mark.parametrize("host, ok", [

@@ -19,7 +19,6 @@ from cachefetch.middleware import CacheFetch, default_key
 from cachefetch.store import CAFS
 
 WAIT = 10.0
-T0 = 1_700_000_000.0
 HIT = "cachefetch; hit"
 STORED = "cachefetch; fwd=miss; stored"
 COLLAPSED = "cachefetch; fwd=miss; collapsed"
@@ -61,26 +60,8 @@ class App:
         return [body[i:i + step] for i in range(0, len(body), step)]
 
 
-@pytest.fixture
-def now():
-    return [T0]
 
 
-@pytest.fixture
-def make(tmp_path, now):
-    """``make(app, **options)``: a CacheFetch on a fresh store with the injected clock."""
-    made: list[CacheFetch] = []
-
-    def make(app, **kw) -> CacheFetch:
-        kw.setdefault("fsync", False)
-        kw.setdefault("clock", lambda: now[0])
-        mw = CacheFetch(app, kw.pop("store", tmp_path / "store"), **kw)
-        made.append(mw)
-        return mw
-
-    yield make
-    for mw in made:
-        mw.close()
 
 
 def client(mw: CacheFetch) -> Client:

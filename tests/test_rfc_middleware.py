@@ -7,8 +7,7 @@ import threading
 
 import pytest
 
-from cachefetch import CacheFetch
-from test_middleware import WAIT, T0, App, assert_clean, cache_status, client, get, open_store_files, settled, wait_for
+from test_middleware import WAIT, App, assert_clean, cache_status, client, get, open_store_files, settled, wait_for
 
 LM = "Tue, 14 Nov 2023 22:13:20 GMT"  # T0 as an HTTP-date
 DATE = "Tue, 14 Nov 2023 22:13:20 GMT"
@@ -49,25 +48,8 @@ class SlowOrigin(Origin):
         return super().__call__(environ, start_response)
 
 
-@pytest.fixture
-def now():
-    return [T0]
 
 
-@pytest.fixture
-def make(tmp_path, now):
-    made = []
-
-    def make(app, **kw):
-        kw.setdefault("fsync", False)
-        kw.setdefault("clock", lambda: now[0])
-        mw = CacheFetch(app, tmp_path / "store", **kw)
-        made.append(mw)
-        return mw
-
-    yield make
-    for mw in made:
-        mw.close()
 
 
 def blobs(mw):
