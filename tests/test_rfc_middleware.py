@@ -52,6 +52,15 @@ class SlowOrigin(Origin):
 
 
 
+def warm(make, app, **options):
+    """A CacheFetch over ``app`` whose ``/r`` has been fetched and stored: ``(mw, client, first answer)``."""
+    mw = make(app, **options)
+    c = client(mw)
+    first = get(c)
+    settled(mw)
+    return mw, c, first
+
+
 def blobs(mw):
     return sorted(h.hex for h in mw.store)
 
@@ -60,10 +69,7 @@ def blobs(mw):
 
 def test_stale_entry_is_revalidated_and_a_304_refreshes_it_without_rewriting_the_blob(make, now):
     app = Origin(headers=[("Cache-Control", "max-age=10"), ("Last-Modified", LM)])
-    mw = make(app)
-    c = client(mw)
-    first = get(c)
-    settled(mw)
+    mw, c, first = warm(make, app)
     before = blobs(mw)
     blob_path = mw.store.path(next(iter(mw.store)))
     inode = os.stat(blob_path).st_ino
@@ -82,10 +88,7 @@ def test_stale_entry_is_revalidated_and_a_304_refreshes_it_without_rewriting_the
 
 def test_a_conditional_client_gets_its_own_304_after_a_revalidation(make, now):
     app = Origin(headers=[("Cache-Control", "max-age=10")])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     now[0] += 20
     r = get(c, headers={"If-None-Match": '"v1"'})
     assert r.status_code == 304 and r.data == b"" and r.headers["ETag"] == '"v1"'
@@ -95,10 +98,7 @@ def test_a_conditional_client_gets_its_own_304_after_a_revalidation(make, now):
 
 def test_a_200_on_revalidation_replaces_the_entry(make, now):
     app = Origin(headers=[("Cache-Control", "max-age=10")])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     now[0] += 20
     app.etag = '"v2"'
     app.headers = [("ETag", '"v2"'), ("Cache-Control", "max-age=10")]
@@ -127,10 +127,7 @@ def test_must_revalidate_revalidates_instead_of_refetching(make, now):
 
 def test_revalidation_failure_serves_stale_where_stale_if_error_allows(make, now):
     app = Origin(headers=[("Cache-Control", "max-age=10, stale-if-error=60")])
-    mw = make(app)
-    c = client(mw)
-    first = get(c)
-    settled(mw)
+    mw, c, first = warm(make, app)
     now[0] += 20
     app.error = RuntimeError("down")
     r = get(c)
@@ -154,10 +151,7 @@ def test_response_no_cache_is_stored_and_revalidated_before_every_reuse(make, no
 
 def test_no_freshness_with_a_validator_is_stored_and_revalidated(make, now):
     app = Origin()  # an ETag, nothing else
-    mw = make(app)
-    c = client(mw)
-    first = get(c)
-    settled(mw)
+    mw, c, first = warm(make, app)
     assert len(mw.index) == 1
     r = get(c)
     assert r.data == first.data and "fwd-status=304" in cache_status(r)
@@ -166,10 +160,7 @@ def test_no_freshness_with_a_validator_is_stored_and_revalidated(make, now):
 
 def test_request_no_cache_revalidates_a_fresh_entry(make, now):
     app = Origin(headers=[("Cache-Control", "max-age=600")])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     r = get(c, headers={"Cache-Control": "No-Cache"})  # directive names are case-insensitive
     assert cache_status(r).startswith("cachefetch; fwd=request; fwd-status=304")
     assert app.not_modified == 1
@@ -274,10 +265,7 @@ def test_only_if_cached_is_a_504_when_nothing_is_stored(make, now):
 
 def test_request_max_age_and_min_fresh_refuse_an_entry_that_is_too_old(make, now):
     app = App(headers=[("Cache-Control", "max-age=60")])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     now[0] += 30
     assert cache_status(get(c, headers={"Cache-Control": "max-age=40"})).startswith("cachefetch; hit")
     assert cache_status(get(c, headers={"Cache-Control": "max-age=20"})).startswith("cachefetch; fwd=request")
@@ -290,10 +278,7 @@ def test_request_max_age_and_min_fresh_refuse_an_entry_that_is_too_old(make, now
 
 def test_cdn_cache_control_takes_precedence(make, now):
     app = App(headers=[("Cache-Control", "no-store"), ("CDN-Cache-Control", "max-age=60")])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     assert cache_status(get(c)).startswith("cachefetch; hit; ttl=60")
     assert_clean(mw)
 
@@ -319,10 +304,7 @@ def test_an_own_targeted_field_comes_first(make, now):
 def test_no_cache_and_private_field_names_are_not_stored(make, now):
     app = App(headers=[("Cache-Control", 'max-age=60, no-cache="X-Secret", private="X-User"'),
                        ("X-Secret", "s"), ("X-User", "u"), ("X-Kept", "k")])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     r = get(c)
     assert cache_status(r).startswith("cachefetch; hit")
     assert "X-Secret" not in r.headers and "X-User" not in r.headers and r.headers["X-Kept"] == "k"
@@ -333,10 +315,7 @@ def test_no_cache_and_private_field_names_are_not_stored(make, now):
 
 def test_client_conditionals_on_a_hit(make, now):
     app = App(headers=[("Cache-Control", "max-age=60"), ("ETag", 'W/"w1"'), ("Last-Modified", LM)])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     assert get(c, headers={"If-None-Match": '"w1"'}).status_code == 304  # weak comparison
     assert get(c, headers={"If-Modified-Since": LM}).status_code == 304
     assert get(c, headers={"If-Modified-Since": "Tue, 14 Nov 2023 22:13:19 GMT"}).status_code == 200
@@ -365,10 +344,7 @@ def test_a_cold_range_request_gets_its_206_and_the_whole_body_is_stored(make, no
 
 def test_a_get_with_a_body_is_never_cached(make, now):
     app = App(headers=[("Cache-Control", "max-age=60")])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     r = c.get("/r", data=b"q=1", buffered=True)
     assert r.data.startswith(b"call=2 ") and "detail=request-body" in cache_status(r)
     assert len(mw.index) == 1
@@ -380,10 +356,7 @@ def test_a_get_with_a_body_is_never_cached(make, now):
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "PURGE-ISH"])
 def test_an_unsafe_method_invalidates_the_target(make, now, method):
     app = App(headers=[("Cache-Control", "max-age=600")])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     assert cache_status(get(c)).startswith("cachefetch; hit")
     r = c.open("/r", method=method, buffered=True)
     assert r.status_code == 200
@@ -394,10 +367,7 @@ def test_an_unsafe_method_invalidates_the_target(make, now, method):
 
 def test_an_error_answer_to_an_unsafe_method_invalidates_nothing(make, now):
     app = App(headers=[("Cache-Control", "max-age=600")])
-    mw = make(app)
-    c = client(mw)
-    get(c)
-    settled(mw)
+    mw, c, _ = warm(make, app)
     app.status = "500 Internal Server Error"
     c.post("/r", buffered=True)
     app.status = "200 OK"
