@@ -3,7 +3,7 @@
 An :class:`Entry` holds what a hit needs besides the bytes: the blob's hash
 and size, the status and headers to replay, when it was stored and until when
 it is fresh, and the request headers it varies on. :class:`SQLiteIndex` is the
-embedded default (one SQLite file in WAL mode, safe across processes); other
+embedded default (one SQLite file with a rollback journal, safe across processes); other
 backends implement :class:`Index`.
 """
 from __future__ import annotations
