@@ -273,6 +273,25 @@ def test_verify_finds_a_blob_corrupted_on_disk(store):
     assert store.verify() == []
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_verify_with_several_threads_finds_every_corrupt_blob_and_reports_each_in_order(store, workers):
+    blobs = [store.put(f"blob {i}".encode() * 1000) for i in range(40)]
+    corrupt = {b.hash for b in blobs[::7]}
+    for h in corrupt:
+        os.chmod(store.path(h), 0o644)
+        with open(store.path(h), "r+b") as f:
+            f.write(b"X")
+    seen = []
+    assert set(store.verify(workers=workers, on_blob=lambda done, total, size: seen.append((done, total)))) == corrupt
+    assert seen == [(i, 40) for i in range(1, 41)]
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_verify_refuses_a_bad_thread_count(store, workers):
+    with pytest.raises(ValueError):
+        store.verify(workers=workers)
+
+
 # -- concurrency and crash safety ------------------------------------------
 
 def test_threads_committing_the_same_content_leave_one_blob(store):
