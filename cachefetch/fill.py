@@ -412,27 +412,59 @@ class FillReader:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            while self._stop is None or self._pos < self._stop:
-                timeout = None
-                if self._deadline is not None:
-                    timeout = max(0.0, self._deadline - time.monotonic())
-                in_file, chunk = self._fill._available(self, self._pos, timeout)
-                self._deadline = None  # only the first byte is waited for against it
-                if chunk is None and in_file < 0:
-                    if self._stop is not None and self._pos < self._stop:
-                        raise FillFailed(f"the body ended at {self._pos} bytes, before {self._stop}")
-                    return
-                if chunk is None:
-                    want = in_file - self._pos if self._stop is None else min(in_file, self._stop) - self._pos
-                    chunk = os.pread(self._fd, min(_READ_SIZE, want), self._pos)
+            while (span := self._next_span()) is not None:
+                if isinstance(span, int):
+                    chunk = os.pread(self._fd, min(_READ_SIZE, span), self._pos - span)
                     if not chunk:
                         raise FillFailed("the temp file is shorter than what was written")
-                elif self._stop is not None:
-                    chunk = chunk[:self._stop - self._pos]
-                self._pos += len(chunk)
-                yield chunk
+                    if len(chunk) < span:
+                        self._pos -= span - len(chunk)  # the rest comes with the next span
+                    span = chunk
+                yield span
         finally:
             self.close()
+
+    def fileno(self) -> int:
+        """The descriptor of the temp file this reader reads (-1 if there is none)."""
+        return self._fd
+
+    def sendfile_spans(self) -> Iterator[tuple[int, int, int] | bytes]:
+        """The body for a server that can ``sendfile``: each item is either
+        ``(fd, offset, count)``, bytes ready in the temp file (everything
+        written up to now, in one span), or ``bytes`` kept in memory after the
+        temp file failed. Waits, raises and closes as iterating does; the
+        descriptor is valid until the next item is asked for or ``close()``.
+        cachefetch's worker sends these without copying the bytes through Python.
+        """
+        try:
+            while (span := self._next_span()) is not None:
+                yield (self._fd, self._pos - span, span) if isinstance(span, int) else span
+        finally:
+            self.close()
+
+    def _next_span(self) -> int | bytes | None:
+        """Wait for the next bytes and move past them: how many are ready in
+        the file (an ``int``), a memory chunk, or ``None`` at the end.
+        :raises FillFailed, TimeoutError."""
+        if self._stop is not None and self._pos >= self._stop:
+            return None
+        timeout = None
+        if self._deadline is not None:
+            timeout = max(0.0, self._deadline - time.monotonic())
+        in_file, chunk = self._fill._available(self, self._pos, timeout)
+        self._deadline = None  # only the first byte is waited for against it
+        if chunk is None and in_file < 0:
+            if self._stop is not None and self._pos < self._stop:
+                raise FillFailed(f"the body ended at {self._pos} bytes, before {self._stop}")
+            return None
+        if chunk is None:
+            ready = (in_file if self._stop is None else min(in_file, self._stop)) - self._pos
+            self._pos += ready
+            return ready
+        if self._stop is not None:
+            chunk = chunk[:self._stop - self._pos]
+        self._pos += len(chunk)
+        return chunk
 
     def close(self) -> None:
         if self._closed:

@@ -190,6 +190,40 @@ class _Response(wsgi.Response):
             self.tail = _Tail(os.dup(fileno), offset + sent, count - sent, self)
         return True
 
+    def can_send_spans(self) -> bool:
+        """Whether :meth:`write_spans` may ``sendfile`` (not for chunked or TLS responses)."""
+        return not self.chunked and not self.cfg.is_ssl and self.can_sendfile()
+
+    def write_spans(self, spans: Any, idle_timeout: float) -> None:
+        """In a thread: send a body given as ``(fd, offset, count)`` spans of a
+        file (with ``sendfile``: the bytes never pass through Python) and
+        ``bytes`` items, never more than the Content-Length. Waits at most
+        ``idle_timeout`` seconds for room in the socket each time.
+
+        :raises TimeoutError: if the client takes no byte for that long.
+        :raises OSError: if the client is gone, or a file ends before its span.
+        """
+        self.send_headers()
+        if self._no_body():
+            return
+        sock_fd = self.sock.fileno()
+        for span in spans:
+            if not isinstance(span, tuple):
+                self.write(span)
+                continue
+            fd, offset, count = span
+            if self.response_length is not None:
+                count = min(count, self.response_length - self.sent)
+            while count > 0:
+                n, error = _sendfile_now(sock_fd, fd, offset, count)
+                self.sent += n
+                offset += n
+                count -= n
+                if error is not None:
+                    raise error
+                if count and not _writable(self.sock, idle_timeout):
+                    raise TimeoutError(f"the client took no byte for {idle_timeout:g}s")
+
     def close(self) -> None:
         if self.tail is None:
             super().close()
@@ -482,6 +516,8 @@ class CachefetchWorker(ThreadWorker):
             try:
                 if isinstance(respiter, environ["wsgi.file_wrapper"]):
                     resp.write_file(respiter)
+                elif callable(getattr(respiter, "sendfile_spans", None)) and resp.can_send_spans():
+                    resp.write_spans(respiter.sendfile_spans(), self.send_timeout)
                 else:
                     for item in respiter:
                         resp.write(item)
