@@ -36,11 +36,7 @@ import contextlib
 import datetime
 import http.client
 import importlib.util
-import multiprocessing
 import os
-import re
-import resource
-import selectors
 import shutil
 import signal
 import socket
@@ -61,13 +57,15 @@ sys.path.insert(0, HERE)
 import blake3  # noqa: E402
 
 import bench_apps  # noqa: E402  (constants and the herd's body; builds no app without BENCH_APP)
+import loadgen  # noqa: E402
 import report  # noqa: E402
-from report import (HOST, Bar, Fetched, Load, fetch, finite, free_port, log, markdown_table,  # noqa: E402
-                    run_wrk)
+from loadgen import Fetched, Load, LoadGenerator, fetch  # noqa: E402
+from procstat import children_cpu, machine_busy_seconds, proc_cpu, proc_rss  # noqa: E402
+from report import HOST, Bar, finite, free_port, log, markdown_table  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 WORKERS, THREADS = 2, 32
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+CONNECTIONS = 64  # the keep-alive load's connections
 
 
 # -- gunicorn ------------------------------------------------------------------------
@@ -154,33 +152,6 @@ class Gunicorn:
             os.killpg(self.proc.pid, signal.SIGKILL)  # any worker the arbiter left behind
 
 
-def proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime: fields 14 and 15
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine has spent busy (all CPUs; /proc/stat)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def children_cpu() -> float:
-    """CPU seconds of this script's waited-for children (wrk, the Python load processes)."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def proc_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * KiB
-    return 0
-
-
 # -- clients ---------------------------------------------------------------------------
 
 def pull(port: int, path: str, buffer_size: int = MiB) -> tuple[int, int]:
@@ -237,111 +208,6 @@ def fixed_requests(port: int, path: str, count: int, concurrency: int) -> tuple[
     if errors:
         raise RuntimeError(f"client failed: {errors[0]!r}")
     return ok[0], total[0], time.monotonic() - t0
-
-
-def _py_load_process(port: int, path: str, connections: int, seconds: float, results) -> None:
-    """One load process: ``connections`` keep-alive connections, one request in flight on each."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (terminate) when it is interrupted
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
-    sel = selectors.DefaultSelector()
-    done = non_2xx = errors = 0
-
-    def connect():
-        s = socket.create_connection((HOST, port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.setblocking(False)
-        s.send(request)
-        sel.register(s, selectors.EVENT_READ, {"buf": bytearray(), "need": None, "status": 0})
-
-    for _ in range(connections):
-        connect()
-    start = time.monotonic()
-    deadline = start + seconds
-    while sel.get_map():
-        now = time.monotonic()
-        if now >= deadline:
-            break
-        for key, _ in sel.select(timeout=deadline - now):
-            s, st = key.fileobj, key.data
-            try:
-                data = s.recv(1 << 18)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:  # the server closed the connection: open another
-                sel.unregister(s)
-                s.close()
-                errors += 1
-                connect()
-                continue
-            buf = st["buf"]
-            buf += data
-            while True:
-                if st["need"] is None:
-                    end = buf.find(b"\r\n\r\n")
-                    if end < 0:
-                        break
-                    head = bytes(buf[:end]).decode("latin-1")
-                    st["status"] = int(head.split(" ", 2)[1])
-                    m = re.search(r"(?im)^content-length:\s*(\d+)", head)
-                    st["need"] = end + 4 + (int(m.group(1)) if m else 0)
-                if len(buf) < st["need"]:
-                    break
-                del buf[:st["need"]]
-                st["need"] = None
-                done += 1
-                non_2xx += not 200 <= st["status"] < 300
-                if time.monotonic() < deadline:
-                    s.send(request)
-    elapsed = min(time.monotonic(), deadline) - start
-    for key in list(sel.get_map().values()):
-        key.fileobj.close()
-    results.put((done, elapsed, non_2xx, errors))
-
-
-def run_python_load(port: int, path: str, seconds: float, connections: int, processes: int) -> Load:
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    per = [connections // processes + (i < connections % processes) for i in range(processes)]
-    procs = [ctx.Process(target=_py_load_process, args=(port, path, n, seconds, results), daemon=True)
-             for n in per]
-    finished = False
-    try:
-        for p in procs:
-            p.start()
-        got = [results.get(timeout=seconds + 60) for _ in procs]
-        finished = True
-    finally:
-        for p in procs:
-            if p.pid is None:
-                continue  # never started
-            if finished:
-                p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-            p.join()
-    return Load(sum(g[0] for g in got), max(g[1] for g in got), sum(g[2] for g in got), sum(g[3] for g in got))
-
-
-class LoadGenerator:
-    def __init__(self, use_wrk: bool) -> None:
-        self.wrk = use_wrk and shutil.which("wrk") is not None
-        self.connections = 64
-        if self.wrk:
-            self.threads = 2
-            self.describe = f"`{report.wrk_version()}` (-t{self.threads} -c{self.connections}, keep-alive)"
-        else:
-            self.threads = max(1, min(4, os.cpu_count() or 1))
-            why = "--no-wrk" if use_wrk is False else "wrk is not on PATH (`apt-get install -y wrk`)"
-            self.describe = (f"Python client ({self.threads} processes, {self.connections} keep-alive "
-                             f"connections; {why})")
-
-    def run(self, port: int, path: str, seconds: float) -> Load:
-        if self.wrk:
-            return run_wrk(port, path, seconds, self.connections, self.threads)
-        return run_python_load(port, path, seconds, self.connections, self.threads)
 
 
 # -- the table -------------------------------------------------------------------------
@@ -426,16 +292,16 @@ class Bench:
             seconds = 3.0 if self.quick else 5.0
             rounds = 1 if self.quick else 5
             for name, server in servers.items():
-                self.load.run(server.port, "/small", warm)
+                self.load.run(server.port, "/small", warm, CONNECTIONS)
             runs: dict[str, list[tuple[Load, float]]] = {name: [] for name in servers}
             others: list[float] = []
             for r in range(rounds):
                 for name, server in servers.items():  # interleaved, so drift hits every config alike
-                    busy0, child0, t0 = machine_busy(), children_cpu(), time.monotonic()
+                    busy0, child0, t0 = machine_busy_seconds(), children_cpu(), time.monotonic()
                     cpu0 = server.cpu_seconds()
-                    load = self.load.run(server.port, "/small", seconds)
+                    load = self.load.run(server.port, "/small", seconds, CONNECTIONS)
                     cpu = server.cpu_seconds() - cpu0
-                    others.append((machine_busy() - busy0 - cpu - (children_cpu() - child0))
+                    others.append((machine_busy_seconds() - busy0 - cpu - (children_cpu() - child0))
                                   / (time.monotonic() - t0))
                     if load.non_2xx or load.errors:
                         raise RuntimeError(f"{name}: {load.non_2xx} non-2xx responses, {load.errors} socket errors")
@@ -576,7 +442,7 @@ class Bench:
         path = "/herd/artifact"
         expected = blake3.blake3(bench_apps.herd_body(path)).hexdigest()
         try:
-            fetched: list[Fetched] = report.all_at_once(clients, lambda i: fetch(server.port, path)[0], "herd")
+            fetched: list[Fetched] = loadgen.all_at_once(clients, lambda i: fetch(server.port, path)[0], "herd")
             with open(calls) as f:
                 app_calls = sum(1 for line in f if line.strip())
         finally:

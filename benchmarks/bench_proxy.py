@@ -48,7 +48,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,9 +61,11 @@ sys.path.insert(0, HERE)
 
 import blake3  # noqa: E402  (a cachefetch dependency: checks the herd's bodies)
 
+import loadgen  # noqa: E402
 import report  # noqa: E402
-from report import (HOST, Bar, Fetched, Load, cachefetch_revision, fetch, free_port, log,  # noqa: E402
-                    markdown_table, met)
+from loadgen import Fetched, Load, LoadGenerator, fetch  # noqa: E402
+from procstat import CLK_TCK, children, machine_busy, proc_cpu  # noqa: E402
+from report import HOST, Bar, cachefetch_revision, free_port, log, markdown_table, met  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 WORKERS, THREADS = 2, 32
@@ -74,7 +75,6 @@ HERD_CLIENTS = 50
 HERD_DELAY, HERD_SIZE, HERD_SPREAD, HERD_PIECES = 1.0, 20 * MiB, 2.0, 40
 COLD_GOAL = 0.75
 HERD_GOAL = 1.2  # median follower TTFB ÷ leader TTFB, as in the middleware's herd test
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 
@@ -97,51 +97,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS}
     env.update(extra)
     return env
-
-
-def children(pid: int) -> list[int]:
-    """The pids whose parent is ``pid`` (from /proc)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(name))
-    return sorted(out)
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy(seconds: float = 1.0) -> str:
-    """How busy the machine is (other work skews every number): load average and CPU use."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + values[4]  # idle + iowait
-        return sum(values) - idle, sum(values)
-
-    try:
-        b0, t0 = sample()
-        time.sleep(seconds)
-        b1, t1 = sample()
-        with open("/proc/loadavg") as f:
-            load1 = f.read().split()[0]
-    except (OSError, ValueError, IndexError):
-        return "unknown"
-    return f"load average {load1}, CPUs {100 * (b1 - b0) / max(1, t1 - t0):.0f}% busy over {seconds:g} s"
 
 
 def tail(path: str, lines: int = 30) -> str:
@@ -464,91 +419,6 @@ class _Lines:
         return next(self._lines, b"")
 
 
-def run_wrk(port: int, path: str, seconds: float, connections: int, threads: int) -> Load:
-    return report.run_wrk(port, path, seconds, connections, threads, options=["--timeout", "30s"], env=clean_env())
-
-
-def _py_load_process(port: int, path: str, connections: int, seconds: float, results) -> None:
-    """``connections`` threads, each a keep-alive connection with one request in flight."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    lock = threading.Lock()
-    totals = {"requests": 0, "bytes": 0, "non_2xx": 0, "errors": 0}
-    deadline = time.monotonic() + seconds
-
-    def client() -> None:
-        buf = memoryview(bytearray(MiB))
-        conn = http.client.HTTPConnection(HOST, port, timeout=60)
-        n = got = bad = errs = 0
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    conn.request("GET", path)
-                    resp = conn.getresponse()
-                    while (k := resp.readinto(buf)) and time.monotonic() < deadline:
-                        got += k
-                    if resp.length:  # cut off by the deadline
-                        break
-                    n += 1
-                    bad += not 200 <= resp.status < 300
-                except (OSError, http.client.HTTPException):
-                    errs += 1
-                    conn.close()
-                    conn = http.client.HTTPConnection(HOST, port, timeout=60)
-        finally:
-            conn.close()
-            with lock:
-                totals["requests"] += n
-                totals["bytes"] += got
-                totals["non_2xx"] += bad
-                totals["errors"] += errs
-
-    start = time.monotonic()
-    threads = [threading.Thread(target=client) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    results.put((totals, time.monotonic() - start))
-
-
-def run_python_load(port: int, path: str, seconds: float, connections: int, processes: int) -> Load:
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    per = [connections // processes + (i < connections % processes) for i in range(processes)]
-    procs = [ctx.Process(target=_py_load_process, args=(port, path, n, seconds, results)) for n in per if n]
-    for p in procs:
-        p.start()
-    try:
-        got = [results.get(timeout=seconds + 120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return Load(requests=sum(g[0]["requests"] for g in got), bytes=sum(g[0]["bytes"] for g in got),
-                seconds=max(g[1] for g in got), non_2xx=sum(g[0]["non_2xx"] for g in got),
-                errors=sum(g[0]["errors"] for g in got))
-
-
-class LoadGenerator:
-    def __init__(self, use_wrk: bool) -> None:
-        self.wrk = use_wrk and shutil.which("wrk") is not None
-        if self.wrk:
-            self.threads = 2
-            self.describe = f"`{report.wrk_version()}` (-t{self.threads}, keep-alive)"
-        else:
-            self.threads = 2
-            self.describe = (f"Python http.client ({self.threads} processes of keep-alive threads; wrk not on "
-                             "PATH: `apt-get install -y wrk` for a lighter client)")
-
-    def run(self, port: int, path: str, seconds: float, connections: int) -> Load:
-        if self.wrk:
-            return run_wrk(port, path, seconds, connections, self.threads)
-        return run_python_load(port, path, seconds, connections, self.threads)
-
-
 # -- formatting --------------------------------------------------------------------------
 
 def mibps(x: float) -> str:
@@ -595,7 +465,7 @@ class Bench:
         self.files = os.path.join(self.workdir, "origin-files")
         os.mkdir(self.files)
         self.servers: list = []
-        self.load = LoadGenerator(not args.no_wrk)
+        self.load = LoadGenerator(not args.no_wrk, wrk_options=["--timeout", "30s"], env=clean_env())
         self.client = Downloader(not args.no_curl, self.workdir)
         self.reps = 2 if self.quick else 5
         self.bars: list[Bar] = []
@@ -739,7 +609,7 @@ class Bench:
 
     def herd_once(self, name: str, port: int, path: str) -> dict:
         expected = blake3.blake3(herd_body(path)).hexdigest()
-        fetched: list[Fetched] = report.all_at_once(HERD_CLIENTS, lambda i: fetch(port, path)[0], f"herd {name}")
+        fetched: list[Fetched] = loadgen.all_at_once(HERD_CLIENTS, lambda i: fetch(port, path)[0], f"herd {name}")
         caches = [cache_header(r.headers) for r in fetched]
         if name == "cachefetch":
             leaders = [r for r, c in zip(fetched, caches) if c.endswith("stored")]

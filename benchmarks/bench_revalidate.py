@@ -67,8 +67,10 @@ import blake3  # noqa: E402  (a cachefetch dependency: checks the bodies)
 
 import report  # noqa: E402
 from bench_proxy import (THREADS, WORKERS, CachefetchServe, Nginx, Proc, PythonOrigin, Section,  # noqa: E402
-                         cache_header, children, clean_env, machine_busy, nginx_version, wait_port)
-from report import HOST, Bar, all_at_once, cachefetch_revision, fetch, free_port, log  # noqa: E402
+                         cache_header, clean_env, nginx_version, wait_port)
+from loadgen import all_at_once, fetch  # noqa: E402
+from procstat import children, machine_busy  # noqa: E402
+from report import HOST, Bar, cachefetch_revision, free_port, log  # noqa: E402
 
 MiB = 1 << 20
 BODY_SIZE = 4 * MiB

@@ -53,7 +53,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import report  # noqa: E402
-from bench_proxy import Proc, clean_env, machine_busy, proc_cpu, tail, wait_port  # noqa: E402
+from bench_proxy import Proc, clean_env, tail, wait_port  # noqa: E402
+import loadgen  # noqa: E402
+from procstat import machine_busy  # noqa: E402
 from report import HOST, Bar, cachefetch_revision, free_port, log, markdown_table, met  # noqa: E402
 
 RESULTS_MD = os.path.join(HERE, "results", "slowclients.md")
@@ -177,7 +179,7 @@ class Round:
 
 
 def probe_round(port: int, label: str) -> Round:
-    results = report.all_at_once(PROBES, lambda i: probe(port), label)
+    results = loadgen.all_at_once(PROBES, lambda i: probe(port), label)
     return Round(label, results)
 
 

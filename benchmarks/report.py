@@ -12,33 +12,28 @@ Output:
   results file that names it (or says why there is none), then a log line.
 
 Helpers: :func:`log` (stderr), :func:`cachefetch_revision`, :func:`machine`,
-:func:`finite`, :func:`free_port`, :func:`fetch` (one timed GET, the body's
-BLAKE3), :func:`all_at_once` (the herd's clients), :func:`run_wrk`, and
-:func:`interrupt_on` with :func:`run_main` for stopping cleanly on Ctrl-C and
-SIGTERM.
+:func:`finite`, :func:`free_port`, and :func:`interrupt_on` with
+:func:`run_main` for stopping cleanly on Ctrl-C and SIGTERM. The clients
+(load generator, timed fetches) are in :mod:`loadgen`, the ``/proc``
+readers in :mod:`procstat`.
 
 It imports nothing from ``cachefetch`` or ``tests``.
 """
 from __future__ import annotations
 
 import datetime
-import http.client
 import math
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Sequence
 
 __all__ = ["Bar", "markdown_table", "write_markdown", "ratio_chart", "met", "write_results", "log",
-           "cachefetch_revision", "machine", "finite", "HOST", "free_port", "Fetched", "fetch", "all_at_once",
-           "Load", "run_wrk", "wrk_version", "interrupt_on", "run_main"]
+           "cachefetch_revision", "machine", "finite", "HOST", "free_port", "interrupt_on", "run_main"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
@@ -204,124 +199,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-@dataclass
-class Fetched:
-    status: int
-    headers: http.client.HTTPMessage
-    size: int
-    digest: str
-    start: float
-    first_byte: float
-    end: float
-
-    @property
-    def ttfb(self) -> float:
-        return self.first_byte - self.start
-
-
-def fetch(port: int, path: str, start: float | None = None, keep: bool = False,
-          headers: dict | None = None, timeout: float = 120) -> tuple[Fetched, bytes | None]:
-    """One GET on a fresh connection: status, headers, size and BLAKE3 of the body, timings."""
-    import blake3  # a cachefetch dependency; only the scripts that fetch need it
-
-    t0 = time.monotonic() if start is None else start
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        hasher = blake3.blake3()
-        kept = [] if keep else None
-        size, first = 0, None
-        while True:
-            data = resp.read1(1 << 18)
-            if not data:
-                break
-            if first is None:
-                first = time.monotonic()
-            hasher.update(data)
-            size += len(data)
-            if kept is not None:
-                kept.append(data)
-        now = time.monotonic()
-        return (Fetched(resp.status, resp.headers, size, hasher.hexdigest(), t0, first or now, now),
-                b"".join(kept) if kept is not None else None)
-    finally:
-        conn.close()
-
-
-def all_at_once(count: int, fn: Callable[[int], object], what: str) -> list:
-    """``fn(i)`` for each of ``count`` clients, each in a thread, released together by a barrier.
-
-    :returns: the results, in client order.
-    :raises RuntimeError: when any client raised (``what`` names the run).
-    """
-    barrier = threading.Barrier(count)
-    results: list = [None] * count
-
-    def client(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = fn(i)
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        raise RuntimeError(f"{what}: {len(failed)} clients failed: {failed[0]!r}")
-    return results
-
-
-@dataclass
-class Load:
-    """What a load generator got: ``bytes`` is 0 where it does not count them."""
-
-    requests: int
-    seconds: float
-    non_2xx: int
-    errors: int
-    bytes: int = 0
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-    @property
-    def bps(self) -> float:
-        return self.bytes / self.seconds
-
-
-_DURATION = re.compile(r"([\d.]+)(us|ms|s|m|h)")
-_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
-
-
-def run_wrk(port: int, path: str, seconds: float, connections: int, threads: int,
-            options: Sequence[str] = (), env: dict[str, str] | None = None) -> Load:
-    """``wrk`` on ``path`` for ``seconds`` (whole, at least 1), and what its summary says."""
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", *options,
-                          f"http://{HOST}:{port}{path}"], capture_output=True, text=True, check=True, env=env).stdout
-    m = re.search(r"(\d+) requests in ([\d.]+\w+), ([\d.]+)([KMGT]?B) read", out)
-    if not m:
-        raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    value, unit = _DURATION.fullmatch(m.group(2)).groups()
-    secs = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}[unit]
-    read = int(float(m.group(3)) * _UNITS[m.group(4)])
-    non_2xx = int(m2.group(1)) if (m2 := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    errors = sum(map(int, m3.groups())) if (m3 := re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
-    return Load(int(m.group(1)), secs, non_2xx, errors, read)
-
-
-def wrk_version() -> str:
-    """The first line of ``wrk -v`` up to its copyright, e.g. ``wrk 4.2.0 [epoll]``."""
-    version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
-    return version.split(" Copyright")[0].strip() or "wrk"
 
 
 def interrupt_on(*signums: int) -> None:
