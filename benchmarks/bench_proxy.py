@@ -159,7 +159,8 @@ class CachefetchServe(Proc):
         pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
         env = clean_env(PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "cachefetch.cli", "serve", "--upstream", upstream, "--store", self.store,
-               "--bind", f"{HOST}:{self.port}", "--workers", str(WORKERS), "--threads", str(THREADS)]
+               "--bind", f"{HOST}:{self.port}", "--workers", str(WORKERS), "--threads", str(THREADS),
+               "--default-ttl", "forever"]  # the origin stands for an immutable file server
         log(f"starting {self.name}: {' '.join(cmd[1:])}")
         self.start_proc(cmd, os.path.join(workdir, f"serve-{name}.log"), env=env, cwd=workdir)
         try:
@@ -228,6 +229,28 @@ class Nginx(Proc):
             log(tail(os.path.join(self.prefix, "error.log")) + tail(self.log_path))
             self.stop()
             raise
+
+
+def nginx_proxy_body(workdir: str, port: int, origin_port: int, trickle_port: int) -> str:
+    """The ``http`` block's server for nginx as the cache under test: ``proxy_cache``
+    with the lock, ``/herd/`` from the trickling origin, the rest from the static one."""
+    return f"""\
+    proxy_cache_path {workdir}/nginx-cache levels=1:2 keys_zone=bench:16m max_size=8g inactive=1d
+                     use_temp_path=off;
+    server {{
+        listen {HOST}:{port};
+        proxy_cache bench;
+        proxy_cache_valid 200 1d;
+        proxy_cache_lock on;
+        proxy_cache_lock_timeout 600s;
+        proxy_cache_lock_age 600s;
+        proxy_buffering on;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        add_header X-Cache-Status $upstream_cache_status always;
+        location /herd/ {{ proxy_pass http://{HOST}:{trickle_port}; }}
+        location / {{ proxy_pass http://{HOST}:{origin_port}; }}
+    }}"""
 
 
 # -- Python origins (their own processes: no GIL shared with the clients) ---------------------
@@ -352,6 +375,27 @@ def head(port: int, path: str, method: str = "HEAD") -> tuple[int, http.client.H
         return resp.status, resp.headers
     finally:
         conn.close()
+
+
+def wait_hit(port: int, path: str, what: str, timeout: float = 120) -> float:
+    """Seconds until a HEAD of ``path`` is answered from the cache (cachefetch's or nginx's)."""
+    t0 = time.monotonic()
+    while True:
+        status, headers = head(port, path)
+        cache = cache_header(headers)
+        if status == 200 and (cache.startswith("cachefetch; hit") or cache == "HIT"):
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{what}: {path} is not cached after {timeout:g} s ({status}, {cache!r})")
+        time.sleep(0.02)  # another process's commit: nothing here to wait on
+
+
+def wait_hit_or_fail(port: int, path: str, what: str, timeout: float = 120) -> float:
+    """GET ``path`` once (a miss that stores it), then :func:`wait_hit`."""
+    status, _ = head(port, path, method="GET")
+    if status != 200:
+        raise RuntimeError(f"{what}: GET {path} answered {status}")
+    return wait_hit(port, path, what, timeout)
 
 
 @dataclass
@@ -505,23 +549,7 @@ class Bench:
             self.origin = self.keep(Nginx(self.nginx, self.workdir, "origin", body, port, access_log=False))
             self.origin_desc = f"nginx {nginx_version(self.nginx)} serving static files (sendfile on)"
             port = free_port()
-            body = f"""\
-    proxy_cache_path {self.workdir}/nginx-cache levels=1:2 keys_zone=bench:16m max_size=8g inactive=1d
-                     use_temp_path=off;
-    server {{
-        listen {HOST}:{port};
-        proxy_cache bench;
-        proxy_cache_valid 200 1d;
-        proxy_cache_lock on;
-        proxy_cache_lock_timeout 600s;
-        proxy_cache_lock_age 600s;
-        proxy_buffering on;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        add_header X-Cache-Status $upstream_cache_status always;
-        location /herd/ {{ proxy_pass http://{HOST}:{self.trickle.port}; }}
-        location / {{ proxy_pass http://{HOST}:{self.origin.port}; }}
-    }}"""
+            body = nginx_proxy_body(self.workdir, port, self.origin.port, self.trickle.port)
             self.proxy = self.keep(Nginx(self.nginx, self.workdir, "proxy", body, port, access_log=True))
         else:
             self.origin = self.keep(PythonOrigin(self.workdir, "static", self.files))
@@ -531,15 +559,7 @@ class Bench:
 
     def wait_hit(self, port: int, path: str, what: str, timeout: float = 120) -> float:
         """Seconds until a HEAD of ``path`` is answered from the cache."""
-        t0 = time.monotonic()
-        while True:
-            status, headers = head(port, path)
-            cache = cache_header(headers)
-            if status == 200 and (cache.startswith("cachefetch; hit") or cache == "HIT"):
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"{what}: {path} is not cached after {timeout:g} s ({status}, {cache!r})")
-            time.sleep(0.02)
+        return wait_hit(port, path, what, timeout)
 
     # 1 -----------------------------------------------------------------------------------
 
