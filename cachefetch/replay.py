@@ -55,6 +55,8 @@ class ServeOptions:
     status: str = "200 OK"
     memory_limit: int = 0
     last_modified: str | None = None
+    # extra_headers less the fields this module sets itself: worked out once, not per answer.
+    _extra: tuple[tuple[str, str], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         normalize_headers([("Content-Type", self.content_type)])
@@ -65,6 +67,11 @@ class ServeOptions:
         if isinstance(self.memory_limit, bool) or not isinstance(self.memory_limit, int) or self.memory_limit < 0:
             raise ValueError(f"memory_limit must be bytes >= 0, got {self.memory_limit!r}")
         object.__setattr__(self, "extra_headers", normalize_headers(self.extra_headers))
+        object.__setattr__(self, "_extra", tuple((k, v) for k, v in self.extra_headers
+                                                 if k.lower() not in _CONTENT_HEADERS))
+
+
+_DEFAULT_OPTIONS = ServeOptions()
 
 
 def etag_for(blob: Blob) -> str:
@@ -145,14 +152,23 @@ def serve_from_store(environ: WSGIEnviron, start_response: StartResponse, store:
 
 
 def serve_blob_file(environ: WSGIEnviron, start_response: StartResponse, file: BinaryIO, result: Blob,
-                    opts: ServeOptions | None = None) -> Iterable[bytes]:
+                    opts: ServeOptions | None = None, added: Iterable[tuple[str, str]] = ()) -> Iterable[bytes]:
     """:func:`serve_from_store` for a blob the caller has already opened.
 
     Takes ownership of ``file``: it is closed when the response is done.
+    ``added`` are header fields for this answer only, after ``opts``'s
+    ``extra_headers`` (so one ``opts`` can serve many answers, e.g. each
+    with its own ``Age``); checked as :func:`normalize_headers` does.
+
+    :raises TypeError, ValueError: for a bad field in ``added`` (``file`` is then closed).
     """
-    opts = opts or ServeOptions()
+    opts = opts or _DEFAULT_OPTIONS
     etag = opts.etag or etag_for(result)
-    extra = [(k, v) for k, v in opts.extra_headers if k.lower() not in _CONTENT_HEADERS]
+    try:
+        extra = list(opts._extra) + [(k, v) for k, v in normalize_headers(added) if k.lower() not in _CONTENT_HEADERS]
+    except BaseException:
+        file.close()
+        raise
     replayed = opts.status.startswith("200")
     validators = [("ETag", etag), ("Accept-Ranges", "bytes")] if replayed else [("ETag", etag)]
     size = os.fstat(file.fileno()).st_size

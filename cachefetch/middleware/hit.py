@@ -1,6 +1,7 @@
 """The hit path: answer from a stored entry (request thread)."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -60,15 +61,30 @@ def serve_entry(ctx: Context, environ: WSGIEnviron, start_response: StartRespons
     return serve_open(ctx, environ, start_response, entry, file, status)
 
 
+@functools.lru_cache(maxsize=1024)
+def _stored_options(headers: tuple[tuple[str, str], ...], code: int) -> ServeOptions:
+    """:func:`replay_options` of a stored response, worked out once per
+    response rather than once per hit (its fields were checked when stored,
+    and are checked again here, once). Thread-safe."""
+    return replay_options(headers, status_line(code))
+
+
 def serve_open(ctx: Context, environ: WSGIEnviron, start_response: StartResponse, entry: Entry, file: Any,
                status: CacheStatus) -> Iterable[bytes]:
     """Answer with ``entry``, whose blob is open as ``file`` (now ours to
     close): its stored fields (the origin's ``Date`` among them), a
     recomputed ``Age``, and the client's conditionals and Range applied."""
-    opts = replay_options(entry.headers, status_line(entry.status), [("Age", str(entry.age(ctx.clock())))])
+    try:
+        try:
+            opts = _stored_options(tuple(entry.headers), entry.status)
+        except TypeError:  # fields as lists (unhashable): nothing to remember them by
+            opts = replay_options(entry.headers, status_line(entry.status))
+    except BaseException:
+        file.close()
+        raise
     ctx.record_use(entry)
     return serve_blob_file(environ, respond(environ, start_response, status), file,
-                           Blob(entry.hash, entry.size), opts)
+                           Blob(entry.hash, entry.size), opts, (("Age", str(entry.age(ctx.clock()))),))
 
 
 class UseRecorder:
