@@ -7,7 +7,8 @@ number is measured in the same run:
 1. cold 100 MiB: throughput of ``cachefetch serve`` (generic protocol, a
    fresh store, default fsync) fetching a 100 MiB file it has never seen from
    a local origin, vs the same origin fetched directly (goal: ratio >= 0.75),
-   and vs nginx ``proxy_cache`` with ``proxy_cache_lock on``. Each repetition
+   and vs nginx ``proxy_cache`` with ``proxy_cache_lock on`` (goal: >= 1.0;
+   the order of the three reverses every other repetition). Each repetition
    fetches a different random file, so every fetch is a true miss. The origin
    is nginx serving static files when nginx is on PATH, else a Python
    ``ThreadingHTTPServer`` (``sendfile``); the client is curl when on PATH,
@@ -74,6 +75,7 @@ SMALL_SIZE = 4 * KiB
 HERD_CLIENTS = 50
 HERD_DELAY, HERD_SIZE, HERD_SPREAD, HERD_PIECES = 1.0, 20 * MiB, 2.0, 40
 COLD_GOAL = 0.75
+NGINX_COLD_GOAL = 1.0  # issue 10
 HERD_GOAL = 1.2  # median follower TTFB ÷ leader TTFB, as in the middleware's herd test
 _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
@@ -573,7 +575,7 @@ class Bench:
         self.client.get(self.origin.port, "/small.bin")  # warm the client binary and the origin
         for r in range(self.reps):
             path = f"/cold-{r}.bin"
-            for mode in modes:  # interleaved, so drift hits every mode alike
+            for mode in (modes if r % 2 == 0 else modes[::-1]):  # interleaved, order alternated: drift hits all alike
                 server = servers.get(mode)
                 cpu0 = server.cpu_seconds() if server else 0.0
                 d = self.client.get(ports[mode], path)
@@ -613,12 +615,12 @@ class Bench:
             r2 = safe_div(cf, nx)
             sec.rows.append(["cachefetch ÷ nginx `proxy_cache` (lock on)", f"{mibps(cf)}",
                              f"nginx: {mibps(nx)} (median of {self.reps}; {spread('nginx')}); "
-                             f"worker CPU {med('nginx', 1):.2f} s per fetch", ratio_text(r2), "— (no goal)",
-                             met(None)])
-            self.bars.append(Bar("cold 100 MiB: cachefetch ÷ nginx (↑)", r2))
+                             f"worker CPU {med('nginx', 1):.2f} s per fetch", ratio_text(r2),
+                             f"≥ {NGINX_COLD_GOAL}", met(r2 >= NGINX_COLD_GOAL)])
+            self.bars.append(Bar("cold 100 MiB: cachefetch ÷ nginx (↑)", r2, NGINX_COLD_GOAL))
         else:
             sec.rows.append(["cachefetch ÷ nginx `proxy_cache` (lock on)", f"{mibps(cf)}",
-                             "skipped: nginx is not on PATH", "–", "— (no goal)", "skipped"])
+                             "skipped: nginx is not on PATH", "–", f"≥ {NGINX_COLD_GOAL}", "skipped"])
         sec.notes.append(f"origin: {self.origin_desc}; client: {self.client.describe}")
         sec.notes.append("server CPU = utime+stime of the proxy's worker processes from the request until the "
                          "entry is a hit (CPU tick 10 ms)" if CLK_TCK == 100 else
