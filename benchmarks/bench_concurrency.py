@@ -51,7 +51,7 @@ import blake3  # noqa: E402  (a cachefetch dependency: checks the herd's bodies)
 import report  # noqa: E402
 from bench_proxy import (HERD_DELAY, HERD_SIZE, HERD_SPREAD, THREADS, WORKERS, CachefetchServe, Nginx,  # noqa: E402
                          PythonOrigin, Section, herd_body, mibps, nginx_proxy_body, nginx_version, ratio_text,
-                         safe_div, wait_hit_or_fail)
+                         safe_div, stop_all, wait_hit_or_fail)
 from loadgen import Got, download_all, raise_fd_limit  # noqa: E402
 from procstat import descendants, machine_busy, proc_cpu, tree_rss  # noqa: E402
 from report import HOST, Bar, cachefetch_revision, free_port, log, met  # noqa: E402
@@ -221,12 +221,7 @@ def main() -> int:
                         higher_is_better=False))
         bars.append(Bar("cold herd: bodies right ÷ clients (↑)", herd["cachefetch"]["right"] / args.clients, 1.0))
     finally:
-        for server in reversed(servers):
-            try:
-                server.stop()
-            except Exception as exc:  # go on stopping the others
-                log(f"stopping {getattr(server, 'name', server)} failed: {exc!r}")
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(servers, workdir)
 
     import gunicorn  # noqa: PLC0415  (only for its version)
     title = f"cachefetch serve with {args.clients:,} clients{' (--quick)' if args.quick else ''}"

@@ -181,6 +181,18 @@ class CachefetchServe(Proc):
             raise
 
 
+def stop_all(servers: list, workdir: str) -> None:
+    """Stop ``servers`` (last started first; one that fails to stop is logged and
+    the others still stopped), forget them, then remove ``workdir``."""
+    for server in reversed(servers):
+        try:
+            server.stop()
+        except Exception as exc:  # go on stopping the others
+            log(f"stopping {getattr(server, 'name', server)} failed: {exc!r}")
+    servers.clear()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def nginx_version(nginx: str) -> str:
     out = subprocess.run([nginx, "-v"], capture_output=True, text=True)
     return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
@@ -525,13 +537,7 @@ class Bench:
         self.servers.remove(server)
 
     def close(self) -> None:
-        for server in reversed(self.servers):
-            try:
-                server.stop()
-            except Exception as exc:  # go on stopping the others
-                log(f"stopping {server.name} failed: {exc!r}")
-        self.servers.clear()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        stop_all(self.servers, self.workdir)
 
     # set-up ------------------------------------------------------------------------------
 

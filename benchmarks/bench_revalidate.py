@@ -67,7 +67,7 @@ import blake3  # noqa: E402  (a cachefetch dependency: checks the bodies)
 
 import report  # noqa: E402
 from bench_proxy import (THREADS, WORKERS, CachefetchServe, Nginx, Proc, PythonOrigin, Section,  # noqa: E402
-                         cache_header, clean_env, nginx_version, wait_port)
+                         cache_header, clean_env, nginx_version, stop_all, wait_port)
 from loadgen import all_at_once, fetch  # noqa: E402
 from procstat import children, machine_busy  # noqa: E402
 from report import HOST, Bar, cachefetch_revision, free_port, log  # noqa: E402
@@ -445,12 +445,7 @@ def main() -> int:
                 log(f"{name} {mode}: {herd.upstream}, TTFB median {ms(herd.median)}, max {ms(herd.max)}, "
                     f"{herd.correct}/{args.clients} bodies right, {herd.cache}")
     finally:
-        for server in reversed(servers):
-            try:
-                server.stop()
-            except Exception as exc:  # go on stopping the others
-                log(f"stopping {server.name} failed: {exc!r}")
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(servers, workdir)
     elapsed = time.monotonic() - started
     busy_after = machine_busy()
 
