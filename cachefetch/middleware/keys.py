@@ -1,6 +1,7 @@
 """Cache keys: which stored resource a request names."""
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable
 from urllib.parse import quote, unquote, urlsplit
@@ -16,6 +17,7 @@ _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOST = re.compile(rf"(?P<name>{_LABEL}(?:\.{_LABEL})*\.?|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{{1,5}}))?")
 
 
+@functools.lru_cache(maxsize=1024)
 def valid_host(value: str) -> bool:
     """Whether ``value`` is a host (and optional port) fit for a cache key."""
     m = _HOST.fullmatch(value)
@@ -36,10 +38,16 @@ def request_url(environ: WSGIEnviron) -> str:
     ``/a%20b`` and ``/a b`` are one URL; the query is kept as sent.
     """
     host = _host_of(environ)
-    path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1", "replace")
     query = environ.get("QUERY_STRING", "")
-    return (f"{environ.get('wsgi.url_scheme', 'http')}://{host.lower()}{quote(path, safe=_PATH_SAFE)}"
+    return (f"{environ.get('wsgi.url_scheme', 'http')}://{host.lower()}"
+            f"{_quoted(environ.get('SCRIPT_NAME', '') + environ.get('PATH_INFO', ''))}"
             + (f"?{query}" if query else ""))
+
+
+@functools.lru_cache(maxsize=4096)
+def _quoted(path: str) -> str:
+    """The decoded WSGI path percent-encoded again (hot paths are quoted once)."""
+    return quote(path.encode("latin-1", "replace"), safe=_PATH_SAFE)
 
 
 def default_key(environ: WSGIEnviron) -> str | None:

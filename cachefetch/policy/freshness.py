@@ -4,6 +4,7 @@ Pure functions of headers and clock readings; the caller passes the times.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -81,13 +82,32 @@ def response_directives(headers: Sequence[tuple[str, str]],
                         targeted: Iterable[str] = ("cdn-cache-control",)) -> tuple[Directives, bool]:
     """The directives that govern this cache: the first valid targeted field
     (RFC 9213), else ``Cache-Control``. The flag says a targeted field was used
-    (then ``Expires`` is ignored too)."""
+    (then ``Expires`` is ignored too).
+
+    A stored entry's fields (a tuple) are parsed once, not on every hit.
+    """
+    if isinstance(headers, tuple) and isinstance(targeted, tuple):
+        try:
+            return _cached_directives(headers, targeted)
+        except TypeError:  # a field given as a list: not hashable, parse it afresh
+            pass
+    return _response_directives(headers, targeted)
+
+
+def _response_directives(headers: Sequence[tuple[str, str]],
+                        targeted: Iterable[str] = ("cdn-cache-control",)) -> tuple[Directives, bool]:
+    """:func:`response_directives`, uncached."""
     for name in targeted:
         parsed = parse_targeted(header(headers, name))
         if parsed is not None:
             return parsed, True
     values = [v for k, v in headers if k.lower() == "cache-control"]
     return parse_cache_control(values or None), False
+
+
+
+
+_cached_directives = functools.lru_cache(maxsize=4096)(_response_directives)
 
 
 def parse_age(value: str | None) -> int:
