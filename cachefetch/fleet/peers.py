@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from typing import Callable, Iterable, Iterator
 from urllib.parse import parse_qs
@@ -39,6 +40,8 @@ PREFIX = "/-/fleet/"
 FID_RE = re.compile(r"[0-9a-f]{16}")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 18
+# Seconds a hash no peer could fill is not tried again (by this process).
+_FAILED_MEMO = 5.0
 
 #: ``(fid, offset) -> body chunks``, or ``None`` if this host runs no such flight.
 FlightBody = Callable[[str, int], "Iterator[bytes] | None"]
@@ -68,7 +71,8 @@ class FleetEndpoint:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "")
         query = environ.get("QUERY_STRING", "")
-        target = path + ("?" + query if query else "")
+        # The signature covers the request target as sent (gunicorn's RAW_URI), before any decoding.
+        target = environ.get("RAW_URI") or path + ("?" + query if query else "")
         why = auth.check(self._secret, method, target, environ.get("HTTP_X_CACHEFETCH_FLEET_DATE"),
                          environ.get("HTTP_X_CACHEFETCH_FLEET_SIGNATURE"))
         if why is not None:
@@ -160,6 +164,10 @@ class PeerFiller:
         self._session = requests.Session()
         self._session.trust_env = False  # peers are reached directly, never through a proxy
         self._locks = Flights(store.layout)  # one fill per hash per host: the flights' flock
+        # Hashes no peer could give us lately: a request looks twice (plan,
+        # then lead), and a broken peer should cost one attempt, not one per look.
+        self._failed: dict[Hash, float] = {}
+        self._failed_lock = threading.Lock()
 
     def announce(self, h: Hash) -> None:
         """Tell the fleet this host holds ``h``. :raises FleetUnavailable: if Redis is down."""
@@ -182,7 +190,11 @@ class PeerFiller:
         """
         if self.store.exists(h):
             return True
-        deadline = time.monotonic() + 60.0 if deadline is None else deadline
+        now = time.monotonic()
+        with self._failed_lock:
+            if now - self._failed.get(h, -_FAILED_MEMO) < _FAILED_MEMO:
+                return False
+        deadline = now + 60.0 if deadline is None else deadline
         flight = "\0fill\0" + h.hex
         while True:
             lead = self._locks.lead(flight)
@@ -209,6 +221,9 @@ class PeerFiller:
                     return True
                 if time.monotonic() >= deadline:
                     break
+            with self._failed_lock:
+                self._failed = {k: t for k, t in self._failed.items() if now - t < _FAILED_MEMO}
+                self._failed[h] = time.monotonic()
             return False
         finally:
             lead.release()
