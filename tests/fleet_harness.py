@@ -109,3 +109,78 @@ def metric(server: Server, name: str) -> float:
     text = get(server, "/-/metrics").body.decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith((name + "{", name + " ")))
+
+
+class TrickleOrigin:
+    """An origin that waits ``delay`` seconds before answering, then sends
+    ``body`` in ``chunks`` pieces spread over ``spread`` seconds. Counts
+    requests and body bytes sent; ``with`` starts and stops it (127.0.0.1)."""
+
+    def __init__(self, body: bytes, delay: float = 1.0, spread: float = 2.0, chunks: int = 40) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.body, self.requests, self.sent = body, 0, 0
+        self._lock = threading.Lock()
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                with origin._lock:
+                    origin.requests += 1
+                import time
+
+                time.sleep(delay)  # the slow origin is the behaviour under test
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(origin.body)))
+                self.end_headers()
+                step = -(-len(origin.body) // chunks)
+                try:
+                    for i in range(0, len(origin.body), step):
+                        self.wfile.write(origin.body[i:i + step])
+                        self.wfile.flush()
+                        with origin._lock:
+                            origin.sent += min(step, len(origin.body) - i)
+                        time.sleep(spread / chunks)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "TrickleOrigin":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def herd(hosts: list[Server], path: str, clients: int) -> list:
+    """``clients`` GETs of ``path`` spread round-robin over ``hosts``, all
+    released at once; returns ``(host index, Fetched)`` in client order."""
+    import threading
+
+    barrier = threading.Barrier(clients)
+    results: list = [None] * clients
+
+    def client(i: int) -> None:
+        host = hosts[i % len(hosts)]
+        barrier.wait()
+        results[i] = (i % len(hosts), get(host, path, start=None))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

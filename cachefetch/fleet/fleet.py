@@ -10,12 +10,13 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..flights import Flights, FlightsSeam
+from ..flights import Flights
 from ..index import SQLiteIndex
 from ..store import CAFS
 from .keys import FleetKeys
 from .link import RedisLink
 from .peers import FleetEndpoint, PeerFiller
+from .redis_flights import RedisFlights
 from .redis_index import RedisIndex
 
 __all__ = ["Fleet", "FleetMember", "SECRET_ENV", "ADVERTISE_ENV"]
@@ -30,7 +31,7 @@ class FleetMember:
     """What a store needs to be part of the fleet (from :meth:`Fleet.attach`)."""
 
     index: RedisIndex
-    flights: FlightsSeam
+    flights: RedisFlights
     endpoint: FleetEndpoint
     filler: PeerFiller
 
@@ -103,8 +104,9 @@ class Fleet:
         local = local if local is not None else SQLiteIndex(store.layout.index_path)
         filler = PeerFiller(store, self.link, self.keys, self.advertise, self.secret, self.peer_timeout)
         index = RedisIndex(local, store, self.link, self.keys, filler)
-        flights: FlightsSeam = Flights(store.layout)
-        return FleetMember(index, flights, FleetEndpoint(store, self.secret), filler)
+        flights = RedisFlights(Flights(store.layout), self.link, self.keys, self.advertise, self.secret, store,
+                               filler, self.lease_ms, self.peer_timeout)
+        return FleetMember(index, flights, FleetEndpoint(store, self.secret, flights.flight_body), filler)
 
     def close(self) -> None:
         """Close the Redis connections."""

@@ -50,3 +50,8 @@ class FleetKeys:
     def members(self) -> str:
         """SET of the advertised URLs of the hosts whose entries are published."""
         return f"{self.prefix}:members"
+
+    def running(self, flight: str) -> str:
+        """STRING fid: set by a leader when it takes the lease, removed when it
+        releases it; found set by the next leader, its predecessor died."""
+        return f"{self.prefix}:r:{_digest(flight)}"
