@@ -6,6 +6,7 @@ Everything started here is stopped (and waited for) by its context manager.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import signal
@@ -165,9 +166,10 @@ class TrickleOrigin:
         self.server.server_close()
 
 
-def herd(hosts: list[Server], path: str, clients: int) -> list:
-    """``clients`` GETs of ``path`` spread round-robin over ``hosts``, all
-    released at once; returns ``(host index, Fetched)`` in client order."""
+def start_herd(hosts: list[Server], path: str, clients: int):
+    """Start ``clients`` GETs of ``path`` spread round-robin over ``hosts``,
+    released at once; returns a function that waits for them and returns
+    ``(host index, Fetched)`` in client order."""
     import threading
 
     barrier = threading.Barrier(clients)
@@ -176,11 +178,39 @@ def herd(hosts: list[Server], path: str, clients: int) -> list:
     def client(i: int) -> None:
         host = hosts[i % len(hosts)]
         barrier.wait()
-        results[i] = (i % len(hosts), get(host, path, start=None))
+        try:
+            results[i] = (i % len(hosts), get(host, path, timeout=30))
+        except (OSError, http.client.HTTPException):  # its host was killed before answering
+            results[i] = (i % len(hosts), None)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    return results
+
+    def join() -> list:
+        for t in threads:
+            t.join()
+        return results
+
+    return join
+
+
+def herd(hosts: list[Server], path: str, clients: int) -> list:
+    """:func:`start_herd`, waited for."""
+    return start_herd(hosts, path, clients)()
+
+
+def kill_host(server: Server) -> None:
+    """SIGKILL the host's whole serve process group (arbiter and workers)."""
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait()
+
+
+def lease_host(redis: RedisServer) -> str | None:
+    """The URL of the host holding a flight lease now (the only flight running), or ``None``."""
+    r = redis.client()
+    for name in r.scan_iter("cachefetch:l:*"):
+        value = r.get(name)
+        if value:
+            return value.decode().split(" ")[2]
+    return None

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from cachefetch.hashing import hash_bytes
 from fleet_harness import TrickleOrigin, fleet, get, herd, metric, redis_server
 from harness import run_cli, wait_until
 
@@ -28,9 +29,10 @@ def test_a_herd_over_three_hosts_makes_one_upstream_fetch_and_remote_followers_s
                 and r.ttfb > 1.3 * leader.ttfb]
         assert max(remote) <= 1.3 * leader.ttfb, (leader_host, leader.ttfb, slow)
         followed = sum(metric(h, "cachefetch_fleet_remote_followers_total") for h in hosts)
-        assert followed >= 40
-        wait_until(lambda: len(redis.client().smembers(f"cachefetch:h:{__import__('cachefetch.hashing', fromlist=['x']).hash_bytes(body).hex}")) >= 1,
-                   what="the blob to be published")
+        # Counted when a request finds another host's lease; one that arrives as the flight ends does not.
+        assert 30 <= followed <= 60
+        holders = f"cachefetch:h:{hash_bytes(body).hex}"
+        wait_until(lambda: redis.client().scard(holders) == 3, what="every host to hold the blob")
         for host in hosts:
             again = get(host, "/big.bin")
             assert again.body == body and "hit" in again.headers["Cache-Status"]

@@ -506,6 +506,10 @@ class Relay:
             self._relay()
         except Exception as exc:  # the leader host died or broke off: followers re-plan or are cut
             log.warning("relaying flight %s from %s failed: %r", self.remote.fid, self.remote.host, exc)
+            # Until its lease lapses the dead leader still leads: releasing now
+            # would have our followers re-plan into the same dead flight, again and again.
+            with contextlib.suppress(Exception):
+                self.remote.wait_released(time.monotonic() + self.timeout)
         finally:
             self.remote.close()
             self.local.release()
