@@ -74,9 +74,10 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
 
 
 @contextlib.contextmanager
-def fleet_host(tmp_path, host: str, upstream: str, redis_url: str, *args: str,
+def fleet_host(tmp_path, host: str, upstream: str, redis_url: str | None, *args: str,
                secret: bytes = SECRET) -> Iterator[Server]:
-    """One `cachefetch serve` member of the fleet on ``host`` (its own store under ``tmp_path``)."""
+    """One `cachefetch serve` member of the fleet on ``host`` (its own store
+    under ``tmp_path``); with ``redis_url=None``, a cache of its own instead."""
     port = free_port_on(host)
     base = os.path.join(tmp_path, f"host-{host}")
     os.makedirs(base, exist_ok=True)
@@ -84,18 +85,19 @@ def fleet_host(tmp_path, host: str, upstream: str, redis_url: str, *args: str,
     with open(secret_file, "wb") as f:
         f.write(secret)
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PYTHONUNBUFFERED": "1"}
+    joining = [] if redis_url is None else ["--fleet", redis_url, "--fleet-secret-file", secret_file,
+                                            "--advertise", f"http://{host}:{port}"]
     cmd = [sys.executable, "-m", "cachefetch.cli", "serve", "--bind", f"{host}:{port}",
            "--store", os.path.join(base, "store"), "--upstream", upstream, "--default-ttl", "forever",
-           "--fleet", redis_url, "--fleet-secret-file", secret_file, "--advertise", f"http://{host}:{port}",
-           "--workers", "2", "--threads", "32", *args]
+           *joining, "--workers", "2", "--threads", "32", *args]
     with _running(cmd, port, os.path.join(base, f"serve-{port}.log"), env, tmp_path, host=host) as server:
         server.extra["store"] = os.path.join(base, "store")
         yield server
 
 
 @contextlib.contextmanager
-def fleet(tmp_path, upstream: str, redis_url: str, *args: str) -> Iterator[list[Server]]:
-    """Three hosts, one per address of :data:`HOSTS`."""
+def fleet(tmp_path, upstream: str, redis_url: str | None, *args: str) -> Iterator[list[Server]]:
+    """Three hosts, one per address of :data:`HOSTS` (``redis_url=None``: three independent caches)."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(fleet_host(tmp_path, h, upstream, redis_url, *args)) for h in HOSTS]
 
