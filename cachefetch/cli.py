@@ -265,6 +265,7 @@ def _fleet_factory(args: argparse.Namespace) -> Callable[[], Any]:
 def _serve(args: argparse.Namespace) -> int:
     store_dir = os.path.abspath(args.store)
     object_limit = max_object_size(args)
+    fleet = _fleet_factory(args)
     # Before prometheus_client is first imported: it picks multi-process mode then.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = StoreLayout.at(store_dir).metrics_dir
     _start_metrics(store_dir)
@@ -276,7 +277,6 @@ def _serve(args: argparse.Namespace) -> int:
                    connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                    max_object_size=object_limit, fetch_timeout=args.fetch_timeout,
                    idle_timeout=args.idle_timeout, **_route_options(args))
-    fleet = _fleet_factory(args)
     # Build one app now, in the arbiter, so bad options fail before any worker starts.
     create_app(args.upstream, store_dir, args.protocol, fleet=fleet(), **options).close()
     from gunicorn.app.base import BaseApplication

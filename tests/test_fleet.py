@@ -48,6 +48,7 @@ def test_a_hit_anywhere_after_one_fetch_fills_by_hash_from_the_peer(world):
     assert first.status == 200 and first.body == body
     _published(redis, body)
     fills_before = metric(hosts[1], "cachefetch_fleet_peer_fills_total")
+    fleet_hits = metric(hosts[1], "cachefetch_fleet_hits_total")
     for host in hosts[1:]:
         got = get(host, "/anywhere.bin")
         assert got.status == 200 and got.complete and got.body == body
@@ -55,6 +56,7 @@ def test_a_hit_anywhere_after_one_fetch_fills_by_hash_from_the_peer(world):
     assert origin.hits["/anywhere.bin"] == 1
     assert metric(hosts[1], "cachefetch_fleet_peer_fills_total") == fills_before + 1
     assert metric(hosts[1], "cachefetch_fleet_peer_fill_bytes_total") >= len(body)
+    assert metric(hosts[1], "cachefetch_fleet_hits_total") == fleet_hits + 1
     assert _holders(redis, body) == {h.url for h in hosts}
     # Now local on every host: a second request on each is a plain hit, no new fill.
     for host in hosts:

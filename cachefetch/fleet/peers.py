@@ -234,6 +234,12 @@ class PeerFiller:
         except FleetUnavailable:
             pass  # the next put of an entry on it announces it
 
+    def _forget_holder(self, h: Hash, peer: str) -> None:
+        try:
+            self.link.run(lambda r: r.srem(self.keys.holders(h), peer))
+        except FleetUnavailable:
+            pass
+
     def _fill_from(self, peer: str, h: Hash, size: int) -> bool:
         """One attempt from ``peer``; ``True`` once committed."""
         target = f"{PREFIX}blob/{h.hex}"
@@ -248,6 +254,8 @@ class PeerFiller:
                     metrics.PEER_FILLS.labels("unreachable").inc()
                     return False
                 with resp:
+                    if resp.status_code == 404:  # it no longer holds it (evicted): stop pointing at it
+                        self._forget_holder(h, peer)
                     if resp.status_code != 200:
                         metrics.PEER_FILLS.labels("refused").inc()
                         log.warning("peer %s answered %d for blob %s", peer, resp.status_code, h.hex)
