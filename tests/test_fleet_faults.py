@@ -31,6 +31,16 @@ def _verify(hosts) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _next_requests_right(survivors, path: str, body: bytes, origin) -> None:
+    """The next request on each survivor is right, two upstream fetches in all
+    (the dead leader's and one more), and the survivors' stores verify clean."""
+    for host in survivors:
+        again = get(host, path)
+        assert again.status == 200 and again.complete and again.body == body
+    assert origin.requests == 2
+    _verify(survivors)
+
+
 def _leader_of(hosts, redis):
     url = wait_until(lambda: lease_host(redis), what="a host to take the lease")
     return next(h for h in hosts if h.url == url)
@@ -53,10 +63,7 @@ def test_leader_host_killed_before_its_first_byte_a_survivor_leads(tmp_path):
         assert len(on_survivors) == 8 and all(r is not None and r.complete for r in on_survivors)
         assert origin.requests == 2  # the dead leader's fetch, and the survivor's
         assert sum(metric(h, "cachefetch_fleet_lease_takeovers_total") for h in survivors) == 1
-        for host in survivors:
-            assert get(host, "/cold.bin").body == body
-        assert origin.requests == 2
-        _verify(survivors)
+        _next_requests_right(survivors, "/cold.bin", body, origin)
 
 
 def test_leader_host_killed_mid_body_cuts_remote_followers_never_a_wrong_body(tmp_path):
@@ -73,11 +80,7 @@ def test_leader_host_killed_mid_body_cuts_remote_followers_never_a_wrong_body(tm
         cut = [r for h, r in results if hosts[h] is not leader and r is not None and not r.complete]
         assert cut, "the remote followers mid-body must be cut, not completed"
         assert all(len(r.body) < len(body) for r in cut)
-        for host in survivors:  # the next request is right (one of them fetches again)
-            again = get(host, "/cut.bin")
-            assert again.status == 200 and again.complete and again.body == body
-        assert origin.requests == 2
-        _verify(survivors)
+        _next_requests_right(survivors, "/cut.bin", body, origin)  # one of them fetches again
 
 
 def test_redis_killed_mid_herd_hosts_serve_alone_then_rejoin(tmp_path):

@@ -30,7 +30,7 @@ from . import auth, metrics
 from .keys import FleetKeys
 from .link import FleetUnavailable, RedisLink
 
-__all__ = ["PREFIX", "FleetEndpoint", "PeerFiller", "signed_get", "FID_RE"]
+__all__ = ["PREFIX", "FleetEndpoint", "PeerFiller", "signed_get", "peer_session", "FID_RE"]
 
 log = logging.getLogger("cachefetch.fleet")
 
@@ -132,6 +132,13 @@ def _chunks(file) -> Iterator[bytes]:
             yield data
 
 
+def peer_session() -> requests.Session:
+    """An HTTP session for peers: reached directly, never through an environment's proxy."""
+    session = requests.Session()
+    session.trust_env = False
+    return session
+
+
 def signed_get(session: requests.Session, secret: bytes, base: str, target: str,
                timeout: tuple[float, float]) -> requests.Response:
     """``GET base+target`` signed for the fleet endpoint, streaming.
@@ -161,8 +168,7 @@ class PeerFiller:
         self.advertise = advertise
         self._secret = secret
         self._timeout = (timeout, timeout)
-        self._session = requests.Session()
-        self._session.trust_env = False  # peers are reached directly, never through a proxy
+        self._session = peer_session()
         self._locks = Flights(store.layout)  # one fill per hash per host: the flights' flock
         # Hashes no peer could give us lately: a request looks twice (plan,
         # then lead), and a broken peer should cost one attempt, not one per look.

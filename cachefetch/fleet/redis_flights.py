@@ -37,7 +37,7 @@ from ..store import CAFS
 from . import metrics
 from .keys import FleetKeys
 from .link import FleetUnavailable, RedisLink
-from .peers import FID_RE, PREFIX, PeerFiller, signed_get
+from .peers import FID_RE, PREFIX, PeerFiller, peer_session, signed_get
 
 __all__ = ["RedisFlights", "FleetLead", "RemoteFollow", "Relay", "Lease"]
 
@@ -222,14 +222,7 @@ class RemoteFollow:
     def _apply(self, fields: dict) -> None:
         if fields.get(b"f", b"").decode() != str(self._lease.fence):
             return  # a record of another lead (fencing)
-        record = decode_record(fields.get(b"r", b""))
-        j = self._journal
-        if isinstance(record, LeaderRecord):
-            self._journal = Journal(record, j.head, j.final)
-        elif isinstance(record, HeadRecord):
-            self._journal = Journal(j.leader, record, j.final)
-        elif record is not None:
-            self._journal = Journal(j.leader, j.head, record)
+        self._journal = self._journal.add(decode_record(fields.get(b"r", b"")))
 
     def _read(self, block_ms: int | None = None) -> Journal:
         def read(r):
@@ -375,8 +368,7 @@ class RedisFlights:
         self.lease_ms = lease_ms
         self._secret = secret
         self._timeout = peer_timeout
-        self._session = requests.Session()
-        self._session.trust_env = False
+        self._session = peer_session()
         self._renewer = _Renewer(link, lease_ms)
 
     def __repr__(self) -> str:
