@@ -257,9 +257,13 @@ def _fleet_factory(args: argparse.Namespace) -> Callable[[], Any]:
         raise ValueError("--fleet needs --fleet-secret-file and --advertise")
     with open(args.fleet_secret_file, "rb") as f:
         secret = f.read().strip()
-    from .fleet import Fleet
 
-    return lambda: Fleet.from_url(args.fleet, secret=secret, advertise=args.advertise, lease_ms=args.fleet_lease_ms)
+    def make() -> Any:
+        from .fleet import Fleet  # not before serve has set up prometheus_client's multi-process mode
+
+        return Fleet.from_url(args.fleet, secret=secret, advertise=args.advertise, lease_ms=args.fleet_lease_ms)
+
+    return make
 
 
 def _serve(args: argparse.Namespace) -> int:
