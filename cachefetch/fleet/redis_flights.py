@@ -47,6 +47,8 @@ log = logging.getLogger("cachefetch.fleet")
 _KEEP_MS = 120_000
 # Longest single blocking read of a stream (below the client's socket timeout).
 _BLOCK_MS = 200
+# How long a flight's fence counter outlives its last lead.
+_FENCE_MS = 24 * 3600 * 1000
 _POLL = 0.01
 _CHUNK = 1 << 18
 
@@ -69,6 +71,7 @@ class Lease:
         self.fence, self.fid, self.host = fence, fid, host
 
     def token(self) -> str:
+        """The lease's value in Redis."""
         return f"{self.fence} {self.fid} {self.host}"
 
     @classmethod
@@ -138,10 +141,12 @@ class FleetLead:
 
     @property
     def temp_prefix(self) -> str:
+        """The name prefix of this fetch's temp files (the local lead's)."""
         return self._local.temp_prefix
 
     @property
     def active(self) -> bool:
+        """Whether the local lock is still held."""
         return self._local.active
 
     def lost(self) -> None:
@@ -161,25 +166,30 @@ class FleetLead:
             pass  # followers elsewhere see the lease lapse and re-plan
 
     def publish(self, head: HeadRecord) -> None:
+        """Journal ``Head`` locally, then to the fleet. :raises JournalOrderError, OSError: as :class:`Lead`."""
         self._local.publish(head)
         self._record(head)
 
     def done(self, hash_hex: str, size: int) -> None:
+        """Journal ``Done`` locally, then to the fleet (the lease is kept until :meth:`release`)."""
         self._local.done(hash_hex, size)
         self._record(DoneRecord(hash_hex, size))
 
     def refreshed(self, hash_hex: str, variant: str = "") -> None:
+        """Journal ``Refreshed`` to the fleet and locally, and release."""
         self._record(RefreshedRecord(hash_hex, variant))
         self._local.refreshed(hash_hex, variant)
         self.release()
 
     def fail(self, why: str, message: str = "") -> None:
+        """Journal ``Failed`` (unless finished) and release; never raises for a journal write."""
         if self._local.active:
             self._record(FailedRecord(why, message[:500]))
         self._local.fail(why, message)
         self.release()
 
     def uncacheable(self, status: int) -> None:
+        """Journal ``Uncacheable`` and release. :raises JournalOrderError: after ``Head``."""
         self._local.uncacheable(status)
         self._record(UncacheableRecord(status))
         self.release()
@@ -251,10 +261,12 @@ class RemoteFollow:
 
     @property
     def fid(self) -> str:
+        """The followed flight's id."""
         return self._lease.fid
 
     @property
     def host(self) -> str:
+        """The leader host's URL."""
         return self._lease.host
 
     def journal(self) -> Journal:
@@ -342,6 +354,7 @@ class RemoteFollow:
             raise LeaderGone(f"the leader host's body ended at {pos}")
 
     def close(self) -> None:
+        """Close the body's connection to the leader host, if one is open."""
         if self._response is not None:
             self._response.close()
 
@@ -415,7 +428,9 @@ class RedisFlights:
         def acquire(r) -> Lease | None:
             if r.exists(self.keys.lease(key)):
                 return None
-            lease = Lease(r.incr(self.keys.fence(key)), fid, self.advertise)
+            fence = r.incr(self.keys.fence(key))
+            r.pexpire(self.keys.fence(key), _FENCE_MS)  # fences only need to grow within a lease's life
+            lease = Lease(fence, fid, self.advertise)
             if not r.set(self.keys.lease(key), lease.token(), nx=True, px=self.lease_ms):
                 return None
             pipe = r.pipeline(transaction=False)
@@ -494,6 +509,7 @@ class Relay:
         self.timeout = timeout
 
     def run(self) -> None:
+        """Relay the flight to its end, then release the local lead (never raises)."""
         try:
             self._relay()
         except Exception as exc:  # the leader host died or broke off: followers re-plan or are cut

@@ -194,8 +194,9 @@ class RedisIndex:
         return iter(self.local)
 
     def close(self) -> None:
-        """Close the local index."""
+        """Close the local index and the peer client."""
         self.local.close()
+        self.filler.close()
 
     # -- rejoining --------------------------------------------------------
 
