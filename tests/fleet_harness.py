@@ -13,7 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
 from harness import REPO_ROOT, Server, _running, fetch, wait_for_port
@@ -120,9 +123,6 @@ class TrickleOrigin:
     requests and body bytes sent; ``with`` starts and stops it (127.0.0.1)."""
 
     def __init__(self, body: bytes, delay: float = 1.0, spread: float = 2.0, chunks: int = 40) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         self.body, self.requests, self.sent = body, 0, 0
         self._lock = threading.Lock()
         origin = self
@@ -136,8 +136,6 @@ class TrickleOrigin:
             def do_GET(self):
                 with origin._lock:
                     origin.requests += 1
-                import time
-
                 time.sleep(delay)  # the slow origin is the behaviour under test
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
@@ -172,8 +170,6 @@ def start_herd(hosts: list[Server], path: str, clients: int):
     """Start ``clients`` GETs of ``path`` spread round-robin over ``hosts``,
     released at once; returns a function that waits for them and returns
     ``(host index, Fetched)`` in client order."""
-    import threading
-
     barrier = threading.Barrier(clients)
     results: list = [None] * clients
 

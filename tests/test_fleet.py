@@ -94,11 +94,10 @@ class _Liar:
 
             def do_GET(self):
                 liar.asked += 1
-                size = int(self.path.rsplit("=", 1)[-1]) if "=" in self.path else liar.size
                 self.send_response(200)
-                self.send_header("Content-Length", str(size))
+                self.send_header("Content-Length", str(liar.size))
                 self.end_headers()
-                self.wfile.write(b"\0" * size)
+                self.wfile.write(b"\0" * liar.size)
 
         self.size = 0
         self.server = ThreadingHTTPServer((host, 0), Handler)
