@@ -13,7 +13,7 @@ import sqlite3
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .layout import StoreLayout
 from .maintenance import parse_size
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_arguments(serve)
 
     _add_route_flags(serve)
+    _add_fleet_flags(serve)
 
     for name, text in (("stats", "show what the store holds and how it was used"),
                        ("verify", "re-hash every blob and check the index"),
@@ -231,9 +232,44 @@ def _route_options(args: argparse.Namespace) -> dict[str, Any]:
         options["routes"] = load_config(args.config)
     return options
 
+def _add_fleet_flags(serve: argparse.ArgumentParser) -> None:
+    """serve's flags for joining a fleet of hosts through Redis."""
+    serve.add_argument("--fleet", default=None, metavar="URL",
+                       help="join the fleet on this Redis (redis://[:password@]host:port/db or rediss://)")
+    serve.add_argument("--fleet-secret-file", default=None, metavar="FILE",
+                       help="file holding the fleet's shared secret (at least 16 bytes)")
+    serve.add_argument("--advertise", default=None, metavar="URL",
+                       help="this host's base URL as the other hosts reach it, e.g. http://10.0.0.5:8080")
+    serve.add_argument("--fleet-lease-ms", type=_positive_int, default=5000, metavar="MS",
+                       help="a flight's lease: a dead leader is replaced after this (default: %(default)s)")
+
+
+def _fleet_factory(args: argparse.Namespace) -> Callable[[], Any]:
+    """A function making the fleet of --fleet (one per process), or ``None`` each time without it.
+
+    :raises ValueError: for a fleet flag without --fleet, or --fleet without its secret or address.
+    """
+    if args.fleet is None:
+        if args.fleet_secret_file is not None or args.advertise is not None:
+            raise ValueError("--fleet-secret-file and --advertise need --fleet")
+        return lambda: None
+    if args.fleet_secret_file is None or args.advertise is None:
+        raise ValueError("--fleet needs --fleet-secret-file and --advertise")
+    with open(args.fleet_secret_file, "rb") as f:
+        secret = f.read().strip()
+
+    def make() -> Any:
+        from .fleet import Fleet  # not before serve has set up prometheus_client's multi-process mode
+
+        return Fleet.from_url(args.fleet, secret=secret, advertise=args.advertise, lease_ms=args.fleet_lease_ms)
+
+    return make
+
+
 def _serve(args: argparse.Namespace) -> int:
     store_dir = os.path.abspath(args.store)
     object_limit = max_object_size(args)
+    fleet = _fleet_factory(args)
     # Before prometheus_client is first imported: it picks multi-process mode then.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = StoreLayout.at(store_dir).metrics_dir
     _start_metrics(store_dir)
@@ -246,11 +282,11 @@ def _serve(args: argparse.Namespace) -> int:
                    max_object_size=object_limit, fetch_timeout=args.fetch_timeout,
                    idle_timeout=args.idle_timeout, **_route_options(args))
     # Build one app now, in the arbiter, so bad options fail before any worker starts.
-    create_app(args.upstream, store_dir, args.protocol, **options).close()
+    create_app(args.upstream, store_dir, args.protocol, fleet=fleet(), **options).close()
     from gunicorn.app.base import BaseApplication
 
     def load() -> Any:
-        app = create_app(args.upstream, store_dir, args.protocol, **options)
+        app = create_app(args.upstream, store_dir, args.protocol, fleet=fleet(), **options)
         if args.max_size is not None:
             from .maintenance import SizeLimiter
 

@@ -166,6 +166,16 @@ class Journal:
     def fid(self) -> str | None:
         return self.leader.fid if self.leader is not None else None
 
+    def add(self, record: Record | None) -> "Journal":
+        """This journal with ``record`` learned (``None``, an unreadable line, changes nothing)."""
+        if isinstance(record, LeaderRecord):
+            return Journal(record, self.head, self.final)
+        if isinstance(record, HeadRecord):
+            return Journal(self.leader, record, self.final)
+        if record is not None:
+            return Journal(self.leader, self.head, record)
+        return self
+
 
 class _JournalReader:
     """Reads a journal incrementally: each call costs the new bytes only."""
@@ -184,17 +194,8 @@ class _JournalReader:
             lines = (self._partial + data).split(b"\n")
             self._partial = lines.pop()  # the last may be mid-write
             for line in lines:
-                self._apply(decode_record(line))
+                self.journal = self.journal.add(decode_record(line))
         return self.journal
-
-    def _apply(self, record: Record | None) -> None:
-        j = self.journal
-        if isinstance(record, LeaderRecord):
-            self.journal = Journal(record, j.head, j.final)
-        elif isinstance(record, HeadRecord):
-            self.journal = Journal(j.leader, record, j.final)
-        elif record is not None:
-            self.journal = Journal(j.leader, j.head, record)
 
 
 class Leading(Protocol):

@@ -550,6 +550,8 @@ class ProxyApp:
         path = environ.get("PATH_INFO", "")
         if path == "/-/healthz":
             return plain_response(start_response, "200 OK", "ok", [("Cache-Control", "no-store")])
+        if path.startswith("/-/fleet/") and self.cached.fleet_endpoint is not None:
+            return self.cached.fleet_endpoint(environ, start_response)
         if path == "/-/metrics":
             body = metrics.render(self.index.totals)
             start_response("200 OK", [("Content-Type", metrics.CONTENT_TYPE), ("Content-Length", str(len(body))),
@@ -675,7 +677,8 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
                threads: int = 32, connect_timeout: float = 5.0, read_timeout: float = 60.0,
                max_object_size: int | None = None, wait_timeout: float = 60.0, fsync: bool = True,
                read_only: bool = False, default_ttl: float | str | None = None,
-               fetch_timeout: float | None = 3600.0, idle_timeout: float | None = 60.0) -> ProxyApp:
+               fetch_timeout: float | None = 3600.0, idle_timeout: float | None = 60.0,
+               fleet: Any = None) -> ProxyApp:
     """A pull-through caching proxy for ``upstream`` (or several ``routes``) as a WSGI app.
 
     :param upstream: base URL of the origin (``https://pypi.org``), served at
@@ -698,6 +701,8 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
         immutable files that states nothing.
     :param fetch_timeout: seconds an upstream fetch may take in all (see :class:`CacheFetch`).
     :param idle_timeout: seconds an upstream fetch may go without a byte.
+    :param fleet: a :class:`~cachefetch.fleet.Fleet` (or ``redis://`` URL)
+        to share entries, blobs and fetches with other hosts; ``None``: alone.
     :raises ValueError: on any bad option, before serving anything.
     """
     if routes is None:
@@ -714,5 +719,6 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
     index = SQLiteIndex(store.layout.index_path)
     cached = CacheFetch(forwarder, store, index=index, key=route_key, cache_statuses=(200, 404),
                         default_ttl=default_ttl, stale_if_error=stale_if_error, max_object_size=max_object_size,
-                        wait_timeout=wait_timeout, fetch_timeout=fetch_timeout, idle_timeout=idle_timeout)
+                        wait_timeout=wait_timeout, fetch_timeout=fetch_timeout, idle_timeout=idle_timeout,
+                        fleet=fleet)
     return ProxyApp(cached, index)

@@ -25,14 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
     """Return once something accepts on ``port``; fail if ``proc`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)  # polling a port: there is no event to wait on
@@ -45,10 +45,11 @@ class Server:
     port: int
     log_path: str
     extra: dict = field(default_factory=dict)
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -102,15 +103,16 @@ def gunicorn(app: str, tmp_path, env: dict | None = None, workers: int = 2, thre
 
 
 @contextlib.contextmanager
-def _running(cmd: list[str], port: int, log_path: str, env: dict, cwd) -> "Iterator[Server]":
+def _running(cmd: list[str], port: int, log_path: str, env: dict, cwd,
+             host: str = "127.0.0.1") -> "Iterator[Server]":
     """Start ``cmd`` in its own session, yield once ``port`` accepts; then
     SIGTERM it (SIGKILL after 30 s) and reap whatever it left."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
     try:
-        wait_for_port(port, proc)
-        yield Server(proc, port, log_path)
+        wait_for_port(port, proc, host=host)
+        yield Server(proc, port, log_path, host=host)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -140,14 +142,14 @@ class Fetched:
 
 
 def fetch(port: int, path: str, method: str = "GET", headers: dict | None = None, start: float | None = None,
-          stop_after: int | None = None, timeout: float = 60.0) -> Fetched:
+          stop_after: int | None = None, timeout: float = 60.0, host: str = "127.0.0.1") -> Fetched:
     """One request on a fresh connection, timing the first body byte.
 
     ``stop_after``: read that many body bytes, then hang up.
     A connection dropped mid-body gives ``complete=False`` instead of raising.
     """
     t0 = time.monotonic() if start is None else start
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request(method, path, headers=headers or {})
         resp = conn.getresponse()

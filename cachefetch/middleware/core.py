@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import weakref
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .. import policy
 from ..flights import Flights, FlightsSeam
@@ -37,6 +37,9 @@ from .invalidation import call_unsafe
 from .keys import HostKey, default_key
 from .leader import LeaderRun
 from .revalidation import Revalidation, revalidate_in_background
+
+if TYPE_CHECKING:
+    from ..fleet import Fleet
 
 __all__ = ["CacheFetch", "close_all"]
 
@@ -69,6 +72,9 @@ class CacheFetch:
         seam); default a :class:`~cachefetch.index.SQLiteIndex` in the store.
     :param flights: who fetches a key now (the flights seam); default
         :class:`~cachefetch.flights.Flights` in the store.
+    :param fleet: a :class:`~cachefetch.fleet.Fleet` or a ``redis://`` URL:
+        the index and flights become the fleet's (``index`` is then this
+        host's local one), and ``/-/fleet/`` is the fleet's endpoint.
     :param key: ``environ -> str | None``: the cache key of a request, or
         ``None`` not to cache it. Default :func:`default_key`.
     :param default_ttl: freshness of a response that states none. ``None``
@@ -110,6 +116,7 @@ class CacheFetch:
     def __init__(self, app: WSGIApp, store: CAFS | str | os.PathLike[str], *,
                  index: Index | None = None,
                  flights: FlightsSeam | None = None,
+                 fleet: "Fleet | str | None" = None,
                  key: Callable[[WSGIEnviron], str | None] | None = None,
                  default_ttl: float | str | None = None,
                  heuristic_max: float = 86400.0,
@@ -165,6 +172,12 @@ class CacheFetch:
         else:
             raise TypeError(f"store must be a CAFS or a path, not {type(store).__name__}")
         self.app = app
+        self.fleet_endpoint = None
+        if fleet is not None:
+            from ..fleet import as_fleet
+
+            member = as_fleet(fleet).attach(self.store, index)
+            index, flights, self.fleet_endpoint = member.index, flights or member.flights, member.endpoint
         self.index: Index = index if index is not None else SQLiteIndex(self.store.layout.index_path)
         self.flights = flights if flights is not None else Flights(self.store.layout)
         self.committer = Committer(self.store)
@@ -189,6 +202,8 @@ class CacheFetch:
         self.index.close()
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
+        if self.fleet_endpoint is not None and environ.get("PATH_INFO", "").startswith("/-/fleet/"):
+            return self.fleet_endpoint(environ, start_response)
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             if method.upper() in policy.SAFE_METHODS:

@@ -1,0 +1,110 @@
+"""The fleet's parts in one process, against a real redis-server: the
+signature, the entry codec, the link's down/up, and option checks."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import redis as redis_py
+
+from cachefetch.fleet import Fleet, FleetUnavailable, RedisLink, auth
+from cachefetch.fleet.fleet import as_fleet
+from cachefetch.fleet.keys import FleetKeys
+from cachefetch.fleet.redis_flights import Lease
+from cachefetch.fleet.redis_index import decode_entry, encode_entry
+from cachefetch.hashing import hash_bytes
+from cachefetch.index import Entry
+from fleet_harness import SECRET, redis_server
+from harness import run_cli
+
+pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is installed by .ci/run")
+
+
+def test_a_signature_binds_method_target_and_time():
+    headers = auth.sign(SECRET, "GET", "/-/fleet/blob/ab", now=1000)
+    date, mac = headers[auth.DATE_HEADER], headers[auth.SIGNATURE_HEADER]
+    assert auth.check(SECRET, "GET", "/-/fleet/blob/ab", date, mac, now=1010) is None
+    assert auth.check(SECRET, "HEAD", "/-/fleet/blob/ab", date, mac, now=1010) == "bad signature"
+    assert auth.check(SECRET, "GET", "/-/fleet/blob/ac", date, mac, now=1010) == "bad signature"
+    assert auth.check(b"x" * 32, "GET", "/-/fleet/blob/ab", date, mac, now=1010) == "bad signature"
+    assert auth.check(SECRET, "GET", "/-/fleet/blob/ab", date, mac, now=1000 + auth.MAX_SKEW + 1) == "stale"
+    assert auth.check(SECRET, "GET", "/-/fleet/blob/ab", None, mac) == "unsigned"
+    assert auth.check(SECRET, "GET", "/-/fleet/blob/ab", "12a", mac) == "bad date"
+    with pytest.raises(ValueError):
+        auth.sign(b"short", "GET", "/")
+
+
+def test_entries_round_trip_and_anything_else_decodes_to_none():
+    entry = Entry("GET http://h/x", "gzip", hash_bytes(b"x"), 1, 200, (("Content-Type", "text/plain"),),
+                  1000.5, 2000.0, ("accept-encoding",), 3)
+    assert decode_entry(encode_entry(entry)) == entry
+    for junk in (b"", b"not json", b"[]", b'{"v": 2}', encode_entry(entry).replace(b'"size":1', b'"size":-1')):
+        assert decode_entry(junk) is None
+
+
+def test_lease_tokens_parse_strictly():
+    lease = Lease(7, "0123456789abcdef", "http://127.0.0.2:8080")
+    parsed = Lease.parse(lease.token().encode())
+    assert (parsed.fence, parsed.fid, parsed.host) == (7, "0123456789abcdef", "http://127.0.0.2:8080")
+    for junk in (None, b"", b"7 0123 http://h", b"x 0123456789abcdef http://h", b"7 0123456789abcdef"):
+        assert Lease.parse(junk) is None
+
+
+def test_the_link_goes_down_warns_once_and_rejoins(tmp_path, caplog):
+    with redis_server(tmp_path) as server:
+        link = RedisLink.from_url(server.url, timeout=0.5, retry_after=0.0)
+        rejoined = []
+        link.on_rejoin(lambda: rejoined.append(True))
+        assert link.run(lambda r: r.ping())
+        server.kill()
+        caplog.set_level(logging.WARNING, "cachefetch.fleet")
+        for _ in range(3):
+            with pytest.raises(FleetUnavailable):
+                link.run(lambda r: r.ping())
+        assert not link.up
+        unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(unreachable) <= 1  # at most once a minute (an earlier test may have used the minute)
+        server.start()
+        assert link.run(lambda r: r.ping()) and link.up and rejoined == [True]
+        link.close()
+
+
+def test_a_link_that_failed_does_not_retry_before_its_time(tmp_path):
+    with redis_server(tmp_path) as server:
+        link = RedisLink.from_url(server.url, timeout=0.5, retry_after=60.0)
+        server.kill()
+        with pytest.raises(FleetUnavailable):
+            link.run(lambda r: r.ping())
+        server.start()
+        calls = []
+        with pytest.raises(FleetUnavailable):
+            link.run(lambda r: calls.append(r))
+        assert calls == []  # known down: not even tried
+        link.close()
+
+
+def test_fleet_options_are_checked():
+    link = RedisLink(redis_py.Redis(port=1))
+    with pytest.raises(ValueError):
+        Fleet(link, secret=b"short", advertise="http://127.0.0.1:1")
+    for bad in ("127.0.0.1:8080", "ftp://h:1", "http://h:1/path", "http://u@h:1"):
+        with pytest.raises(ValueError):
+            Fleet(link, secret=SECRET, advertise=bad)
+    with pytest.raises(ValueError):
+        Fleet(link, secret=SECRET, advertise="http://h:1", lease_ms=10)
+    with pytest.raises(ValueError):
+        Fleet.from_url("http://not-redis", secret=SECRET, advertise="http://h:1")
+    with pytest.raises(TypeError):
+        as_fleet(42)
+    with pytest.raises(ValueError):
+        FleetKeys("two words")
+
+
+def test_serve_refuses_half_a_fleet_configuration(tmp_path):
+    store = str(tmp_path / "store")
+    done = run_cli("serve", "--store", store, "--upstream", "http://127.0.0.1:1", "--fleet", "redis://127.0.0.1:1/0")
+    assert done.returncode == 2 and "--fleet needs --fleet-secret-file and --advertise" in done.stderr
+    done = run_cli("serve", "--store", store, "--upstream", "http://127.0.0.1:1", "--advertise", "http://127.0.0.1:1")
+    assert done.returncode == 2 and "need --fleet" in done.stderr
+    assert not (tmp_path / "store").exists()  # refused before anything was created
