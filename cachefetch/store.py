@@ -96,6 +96,8 @@ class CAFS:
         self.blobs_dir = self.layout.blobs_dir
         self.temp_dir = self.layout.temp_dir
         self.fsync = fsync
+        #: Called with the hash of each blob :meth:`delete` removed (any thread).
+        self.on_delete: list[Callable[[Hash], None]] = []
         os.makedirs(self.blobs_dir, exist_ok=True)
         os.makedirs(self.temp_dir, exist_ok=True)
         self._temp_dev = os.stat(self.temp_dir).st_dev
@@ -137,12 +139,21 @@ class CAFS:
             raise BlobNotFound(f"no blob {h.hex} in {self.root}") from None
 
     def delete(self, h: Hash) -> bool:
-        """Remove blob ``h``; returns whether it was there. Never raises for absence."""
+        """Remove blob ``h``; returns whether it was there. Never raises for absence.
+
+        Each of :attr:`on_delete` is then called with ``h`` (a fleet withdraws
+        this host from the blob's holders); their errors are logged, not raised.
+        """
         try:
             os.unlink(self.path(h))
-            return True
         except FileNotFoundError:
             return False
+        for listener in self.on_delete:
+            try:
+                listener(h)
+            except Exception:
+                log.exception("a blob-deletion listener failed for %s", h.hex)
+        return True
 
     def __iter__(self) -> Iterator[Hash]:
         """Yield the hash of every stored blob (in no particular order).

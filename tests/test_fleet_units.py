@@ -108,3 +108,28 @@ def test_serve_refuses_half_a_fleet_configuration(tmp_path):
     done = run_cli("serve", "--store", store, "--upstream", "http://127.0.0.1:1", "--advertise", "http://127.0.0.1:1")
     assert done.returncode == 2 and "need --fleet" in done.stderr
     assert not (tmp_path / "store").exists()  # refused before anything was created
+
+
+def test_a_blob_removed_from_the_store_withdraws_this_host_from_its_holders(tmp_path):
+    """gc and eviction remove blobs through CAFS.delete: Redis must stop
+    sending peers to a host for a blob it no longer has."""
+    from cachefetch.index import SQLiteIndex
+    from cachefetch.maintenance import collect_garbage
+    from cachefetch.store import CAFS
+
+    with redis_server(tmp_path) as server:
+        fleet = Fleet.from_url(server.url, secret=SECRET, advertise="http://127.0.0.9:1")
+        store = CAFS(tmp_path / "store", fsync=False)
+        local = SQLiteIndex(store.layout.index_path)
+        member = fleet.attach(store, local)
+        blob = store.put(b"evicted soon" * 100)
+        member.filler.announce(blob.hash)
+        holders = FleetKeys("cachefetch").holders(blob.hash)
+        client = server.client()
+        assert client.smembers(holders) == {b"http://127.0.0.9:1"}
+        collect_garbage(store, local, 0, grace=0, sweep=True)  # a blob no entry knows: removed
+        assert not store.exists(blob.hash)
+        assert client.smembers(holders) == set()
+        client.close()
+        local.close()
+        fleet.close()

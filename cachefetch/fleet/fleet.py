@@ -103,6 +103,7 @@ class Fleet:
             raise TypeError(f"store must be a CAFS, not {type(store).__name__}")
         local = local if local is not None else SQLiteIndex(store.layout.index_path)
         filler = PeerFiller(store, self.link, self.keys, self.advertise, self.secret, self.peer_timeout)
+        store.on_delete.append(filler.withdraw)  # gc and eviction withdraw this host at once
         index = RedisIndex(local, store, self.link, self.keys, filler)
         flights = RedisFlights(Flights(store.layout), self.link, self.keys, self.advertise, self.secret, store,
                                filler, self.lease_ms, self.peer_timeout)

@@ -179,6 +179,15 @@ class PeerFiller:
         """Tell the fleet this host holds ``h``. :raises FleetUnavailable: if Redis is down."""
         self.link.run(lambda r: r.sadd(self.keys.holders(h), self.advertise))
 
+    def withdraw(self, h: Hash) -> None:
+        """Tell the fleet this host no longer holds ``h`` (its blob was evicted or
+        removed), so no peer is sent here for it. Redis down: logged; the holder
+        is then dropped by the first peer that asks and gets a 404."""
+        try:
+            self.link.run(lambda r: r.srem(self.keys.holders(h), self.advertise))
+        except FleetUnavailable as exc:
+            log.debug("could not withdraw %s from the fleet: %s", h.hex, exc)
+
     def holders(self, h: Hash) -> list[str]:
         """The other hosts said to hold ``h``, in random order. :raises FleetUnavailable."""
         members = self.link.run(lambda r: r.smembers(self.keys.holders(h)))
