@@ -296,7 +296,10 @@ class CacheFetch:
                 raise
         if follow is None:
             if head_request or request.authorized:  # cannot lead: look once more, then go to the app
-                entry = hit.matching(self.index.get(key), environ)
+                try:
+                    entry = hit.matching(self.index.get(key), environ)
+                except IndexUnavailable:
+                    entry = None
                 replan = policy.plan_request(request, entry, ctx.clock(), self.rules)
                 if replan.action is Action.HIT and policy.shareable(entry, request, self.rules):
                     served = hit.serve_entry(ctx, environ, start_response, entry, replan.status)
