@@ -19,10 +19,17 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
+import pytest
+
 from harness import REPO_ROOT, Server, _running, fetch, wait_for_port
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 SECRET = b"a-test-secret-of-the-fleet-0123456789"
+
+#: Fleet tests need redis-server (``.ci/run`` installs it). Locally they skip
+#: saying so; under CI a missing server must fail, not skip.
+requires_redis = pytest.mark.skipif(not shutil.which("redis-server") and not os.environ.get("CI"),
+                                    reason="redis-server is not installed: run `bash .ci/run`")
 
 
 def free_port_on(host: str) -> int:

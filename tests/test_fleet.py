@@ -14,12 +14,11 @@ import requests
 
 from cachefetch.fleet import auth
 from cachefetch.hashing import hash_bytes
-from fleet_harness import HOSTS, SECRET, fleet, get, metric, redis_server
+from fleet_harness import requires_redis, HOSTS, SECRET, fleet, get, metric, redis_server
 from harness import run_cli, wait_until
 from origin import Origin, Resource
 
-pytestmark = pytest.mark.skipif(not __import__("shutil").which("redis-server"),
-                                reason="redis-server is installed by .ci/run")
+pytestmark = requires_redis
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,14 @@ and the next request is right."""
 from __future__ import annotations
 
 import os
-import shutil
 
-import pytest
 
 from cachefetch.hashing import hash_bytes
-from fleet_harness import (TrickleOrigin, fleet, get, kill_host, lease_host, metric, redis_server,
+from fleet_harness import (requires_redis, TrickleOrigin, fleet, get, kill_host, lease_host, metric, redis_server,
                            start_herd)
 from harness import run_cli, wait_until
 
-pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is installed by .ci/run")
+pytestmark = requires_redis
 
 LEASE = ("--fleet-lease-ms", "1000")
 

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 
-import pytest
 
 from cachefetch.hashing import hash_bytes
-from fleet_harness import TrickleOrigin, fleet, get, herd, metric, redis_server
+from fleet_harness import requires_redis, TrickleOrigin, fleet, get, herd, metric, redis_server
 from harness import run_cli, wait_until
 
-pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is installed by .ci/run")
+pytestmark = requires_redis
 
 
 def test_a_herd_over_three_hosts_makes_one_upstream_fetch_and_remote_followers_stream(tmp_path):

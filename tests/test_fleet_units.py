@@ -3,7 +3,6 @@ signature, the entry codec, the link's down/up, and option checks."""
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import redis as redis_py
@@ -15,10 +14,10 @@ from cachefetch.fleet.redis_flights import Lease
 from cachefetch.fleet.redis_index import decode_entry, encode_entry
 from cachefetch.hashing import hash_bytes
 from cachefetch.index import Entry
-from fleet_harness import SECRET, redis_server
+from fleet_harness import requires_redis, SECRET, redis_server
 from harness import run_cli
 
-pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is installed by .ci/run")
+pytestmark = requires_redis
 
 
 def test_a_signature_binds_method_target_and_time():

@@ -1,7 +1,6 @@
 """Followers: answer from another request's fetch as it arrives (request thread)."""
 from __future__ import annotations
 
-import time
 from typing import Iterable
 
 from .. import policy
@@ -137,7 +136,3 @@ def _wait_timed_out(ctx: Context, environ: WSGIEnviron, start_response: StartRes
                               f"no response from the coalesced fetch within {ctx.wait_timeout:g}s")
     return passthrough(ctx, environ, start_response, CacheStatus(fwd="miss", detail="wait-timeout"))
 
-
-def deadline_for(ctx: Context) -> float:
-    """The monotonic time by which a follower must have its first byte."""
-    return time.monotonic() + ctx.wait_timeout

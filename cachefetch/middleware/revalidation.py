@@ -84,7 +84,7 @@ class Revalidation:
         entry = ours or self.stale
         served = serve_entry(ctx, self.environ, start_response, entry,
                              self.status.with_(fwd_status=304, stored=ours is not None,
-                                               ttl=_ttl(entry, ctx.clock())))
+                                               ttl=policy.ttl_seconds(entry, ctx.clock())))
         if served is None:  # the blob vanished under us: answer uncached
             return passthrough(ctx, self.environ, start_response, self.status.with_(detail="blob-missing"))
         return served
@@ -99,11 +99,6 @@ class Revalidation:
         return Entry(entry.key, entry.variant, entry.hash, entry.size, entry.status, plan.headers,
                      stored_at=plan.response_time, expires_at=plan.expires_at, vary=entry.vary,
                      initial_age=plan.initial_age)
-
-
-def _ttl(entry: Entry, now: float) -> int | None:
-    ttl = entry.ttl(now)
-    return None if ttl is None else int(ttl)
 
 
 def revalidate_in_background(ctx: Context, flight: str, key: str, request: RequestFacts, environ: WSGIEnviron,

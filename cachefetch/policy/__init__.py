@@ -19,7 +19,7 @@ from .freshness import (FOREVER, HEURISTIC_STATUSES, CacheRules, Lifetime, allow
                         freshness_lifetime, parse_age, response_directives)
 from .headers import environ_name, has_validator, header, stored_headers, variant_of, vary_names, without_fields
 from .invalidation import SAFE_METHODS, invalidates, invalidation_targets
-from .lookup import (cookie_matters, Action, RequestFacts, RequestPlan, StoredResponse, plan_request, read_request, shareable,
+from .lookup import (ttl_seconds, cookie_matters, Action, RequestFacts, RequestPlan, StoredResponse, plan_request, read_request, shareable,
                      stale_if_error_allows)
 from .status import CACHE_NAME, ENVIRON_KEY, CacheStatus
 from .storage import StorePlan, content_length, plan_store
@@ -33,7 +33,7 @@ __all__ = [
     "freshness_lifetime", "parse_age", "response_directives",
     "environ_name", "has_validator", "header", "stored_headers", "variant_of", "vary_names", "without_fields",
     "SAFE_METHODS", "invalidates", "invalidation_targets",
-    "cookie_matters", "Action", "RequestFacts", "RequestPlan", "StoredResponse", "plan_request", "read_request", "shareable",
+    "ttl_seconds", "cookie_matters", "Action", "RequestFacts", "RequestPlan", "StoredResponse", "plan_request", "read_request", "shareable",
     "stale_if_error_allows",
     "CACHE_NAME", "ENVIRON_KEY", "CacheStatus",
     "StorePlan", "content_length", "plan_store",

@@ -10,7 +10,7 @@ from .freshness import FOREVER, CacheRules, allows_stale, response_directives
 from .headers import has_validator, vary_names
 from .status import CacheStatus
 
-__all__ = ["cookie_matters", "RequestFacts", "read_request", "Action", "RequestPlan", "plan_request", "StoredResponse",
+__all__ = ["ttl_seconds", "cookie_matters", "RequestFacts", "read_request", "Action", "RequestPlan", "plan_request", "StoredResponse",
            "shareable", "stale_if_error_allows"]
 
 
@@ -108,7 +108,8 @@ def cookie_matters(request: RequestFacts, rules: CacheRules) -> bool:
     return request.has_cookie and rules.cookies != "ignore"
 
 
-def _ttl(entry: StoredResponse, now: float) -> int | None:
+def ttl_seconds(entry: StoredResponse, now: float) -> int | None:
+    """Whole seconds of freshness left, as ``Cache-Status: ttl`` shows it; ``None`` if unlimited."""
     ttl = entry.ttl(now)
     return None if ttl is None or ttl == FOREVER else int(ttl)
 
@@ -141,15 +142,15 @@ def plan_request(request: RequestFacts, entry: StoredResponse | None, now: float
                   and (d.max_age is None or age <= d.max_age)
                   and (d.min_fresh is None or ttl is None or ttl >= d.min_fresh))
     if fresh and acceptable:
-        return RequestPlan(Action.HIT, CacheStatus(hit=True, ttl=_ttl(entry, now)), entry, "fresh")
+        return RequestPlan(Action.HIT, CacheStatus(hit=True, ttl=ttl_seconds(entry, now)), entry, "fresh")
     stale_for = 0.0 if fresh else -float(ttl)
     if not fresh and not request.no_cache and allows_stale(cc):
         if d.max_stale is not None and stale_for <= d.max_stale and (d.max_age is None or age <= d.max_age):
-            return RequestPlan(Action.HIT, CacheStatus(hit=True, ttl=_ttl(entry, now), detail="max-stale"),
+            return RequestPlan(Action.HIT, CacheStatus(hit=True, ttl=ttl_seconds(entry, now), detail="max-stale"),
                                entry, "max-stale")
         swr = cc.stale_while_revalidate
         if swr is not None and stale_for <= swr and not d.only_if_cached:
-            return RequestPlan(Action.STALE_HIT, CacheStatus(hit=True, ttl=_ttl(entry, now),
+            return RequestPlan(Action.STALE_HIT, CacheStatus(hit=True, ttl=ttl_seconds(entry, now),
                                                              detail="stale-while-revalidate"), entry, "swr")
     if d.only_if_cached:
         return RequestPlan(Action.GATEWAY_TIMEOUT, CacheStatus(detail="only-if-cached"), entry, "only-if-cached")
