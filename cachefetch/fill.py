@@ -139,7 +139,7 @@ class Fill:
         self._received = 0           # bytes from the upstream
         self._memory: list[tuple[int, bytes]] = []  # (offset, chunk) past a failed write
         self._memory_bytes = 0
-        self._state = "running"      # "running", "done", "failed"
+        self._state = "running"      # "running", "failing" (journalling it), "done", "failed"
         self._error: BaseException | None = None
         self._positions: dict[int, int] = {}  # reader id -> next offset it needs
         self._had_reader = False
@@ -187,7 +187,7 @@ class Fill:
         """Wait for the first byte or the end; ``False`` if the fill failed before a byte."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._received == 0 and self._state == "running":
+            while self._received == 0 and self._state in ("running", "failing"):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return True  # still running: the readers' own deadline applies
@@ -326,11 +326,18 @@ class Fill:
         with self._cond:
             if self._state != "running":
                 return
-            self._state = "failed"
+            self._state = "failing"
             self._error = exc
-            self._cond.notify_all()
         log.warning("fetch failed after %d bytes: %r", self._received, exc)
-        self._stop_caching(exc)
+        # The failure is journalled (and the flight released) before any reader
+        # is told: a reader that then looks at the flight finds it ended, never
+        # still held by a fetch that has already given up.
+        try:
+            self._stop_caching(exc)
+        finally:
+            with self._cond:
+                self._state = "failed"
+                self._cond.notify_all()
 
     def _stop_caching(self, reason: BaseException) -> None:
         """Drop the temp file (readers keep their descriptors) and tell ``on_abort``."""

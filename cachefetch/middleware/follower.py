@@ -104,8 +104,11 @@ def _answer(ctx: Context, environ: WSGIEnviron, start_response: StartResponse, f
         else:
             body = follow.body(head.body, deadline, start, stop)
         first = next(body, b"")
-    except FileNotFoundError:  # committed (or discarded) since: be a hit, or lead
+    except FileNotFoundError:  # committed or discarded since: be a hit, or lead, unless the fetch failed
         follow.wait_released(deadline)
+        final = follow.journal().final
+        if isinstance(final, FailedRecord):
+            return _failed(ctx, environ, start_response, final, stale, request)
         raise Retry(settled=True) from None
     except TimeoutError:
         return _wait_timed_out(ctx, environ, start_response)
