@@ -265,7 +265,8 @@ def test_upstream_announcing_more_than_it_sends_gives_an_incomplete_body_and_sto
 def test_upstream_404_is_404_and_negatively_cached(tmp_path):
     store = tmp_path / "store"
     with Origin() as origin:
-        with serve(tmp_path, origin.url + "/base", "--negative-ttl", "1") as server:
+        # A TTL no loaded machine outlasts between two requests: the hit must not depend on timing.
+        with serve(tmp_path, origin.url + "/base", "--negative-ttl", "600") as server:
             first = fetch(server.port, "/missing.bin")
             assert first.status == 404 and first.body == b"no such file"  # the origin's own answer
             wait_settled(store)
@@ -277,6 +278,15 @@ def test_upstream_404_is_404_and_negatively_cached(tmp_path):
             assert fetch(server.port, "/also-missing.bin").status == 404
             wait_settled(store)
             assert len(blobs(store)) == 1
+    assert_store_clean(store)
+
+
+def test_negative_entry_expires_after_negative_ttl(tmp_path):
+    store = tmp_path / "store"
+    with Origin() as origin:
+        with serve(tmp_path, origin.url + "/base", "--negative-ttl", "1") as server:
+            assert fetch(server.port, "/missing.bin").status == 404
+            wait_settled(store)
             # it appears upstream; once the negative TTL lapses it is fetched again
             origin.files["/base/missing.bin"] = Resource(b"here now")
             time.sleep(1.2)  # let the 1 s negative TTL lapse: expiry is the behaviour under test

@@ -252,15 +252,18 @@ def test_manifest_by_tag_is_fetched_again_once_its_ttl_lapses(tmp_path):
     with Origin() as origin:
         origin.files[path] = Resource(old, content_type=MANIFEST_TYPE)
         env = {"CF_PROXY_UPSTREAM": origin.url, "CF_PROXY_STORE": str(store), "CF_PROXY_PROTOCOL": "oci",
-               "CF_PROXY_TAG_TTL": "1"}
+               "CF_PROXY_TAG_TTL": "3"}
         with gunicorn("proxy_wsgi:application", tmp_path, env=env, workers=1, threads=8) as server:
+            fetched = time.monotonic()
             first = fetch(server.port, path, headers=accept)
-            assert first.body == old and first.headers["Cache-Control"] == "max-age=1"
+            assert first.body == old and first.headers["Cache-Control"] == "max-age=3"
             wait_settled(store)
             origin.files[path] = Resource(new, content_type=MANIFEST_TYPE)  # the tag moves
             assert fetch(server.port, path, headers=accept).body == old  # still fresh
             assert origin.hits[path] == 1
-            time.sleep(1.2)  # let the 1 s TTL lapse: expiry is the behaviour under test
+            # let the 3 s TTL lapse (expiry is the behaviour under test); 3 s, not 1, so that a
+            # loaded machine cannot let it lapse before the "still fresh" request above
+            time.sleep(max(0.0, fetched + 3.2 - time.monotonic()))
             again = fetch(server.port, path, headers=accept)
             assert again.status == 200 and again.body == new
             assert origin.hits[path] == 2
