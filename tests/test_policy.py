@@ -1064,6 +1064,25 @@ def test_other_origin_location_is_not_invalidated(value):
     assert invalidation_targets(TARGET, [("Location", value), ("Content-Location", value)]) == [TARGET]
 
 
+@pytest.mark.parametrize("target,value,url", [
+    (TARGET, "http://example.test:80/c", "http://example.test/c"),
+    (TARGET, "HTTP://Example.TEST/c", "http://example.test/c"),
+    (TARGET, "/c#frag", "http://example.test/c"),
+    ("http://example.test:80/a", "http://example.test/c", "http://example.test:80/c"),
+    ("https://example.test/a", "https://example.test:443/c", "https://example.test/c"),
+    ("http://example.test:8080/a", "http://example.test:8080/c", "http://example.test:8080/c"),
+])
+def test_same_origin_is_compared_with_default_ports_and_spelled_as_the_target(target, value, url):
+    """RFC 6454 origins: the scheme's default port is the same origin; the URL comes back
+    in the target's own spelling, the one its entry's key was made from."""
+    assert invalidation_targets(target, [("Location", value)]) == [target, url]
+
+
+@pytest.mark.parametrize("value", ["http://example.test:99999/c", "http://example.test:x/c", "ftp://example.test/c"])
+def test_a_location_with_a_bad_port_or_another_scheme_is_not_invalidated(value):
+    assert invalidation_targets(TARGET, [("Location", value)]) == [TARGET]
+
+
 def test_invalidation_targets_both_and_no_duplicates():
     assert invalidation_targets(TARGET, [("Location", "/x"), ("Content-Location", "/a/b")]) == \
         [TARGET, "http://example.test/x"]

@@ -399,6 +399,29 @@ def test_same_origin_location_and_content_location_are_invalidated_too(make, now
     assert_clean(mw)
 
 
+def test_a_location_spelling_the_default_port_invalidates_the_entry_stored_without_it(make, now):
+    """``http://localhost:80/a`` is the origin ``http://localhost`` (RFC 6454): its entry goes."""
+    app = App(headers=[("Cache-Control", "max-age=600")])
+    mw = make(app)
+    c = client(mw)
+    for path in ("/a", "/b"):
+        get(c, path)
+    settled(mw)
+
+    def poster(environ, start_response):
+        start_response("201 Created", [("Location", "HTTP://LOCALHOST:80/a#made"), ("Content-Type", "text/plain")])
+        return [b"made"]
+
+    real = mw.app
+    mw._ctx.app = poster
+    c.post("/new", buffered=True)
+    mw._ctx.app = real
+    assert not cache_status(get(c, "/a")).startswith("cachefetch; hit")
+    assert cache_status(get(c, "/b")).startswith("cachefetch; hit")
+    settled(mw)
+    assert_clean(mw)
+
+
 def test_another_origin_in_location_is_not_invalidated(make, now):
     app = App(headers=[("Cache-Control", "max-age=600")])
     mw = make(app)

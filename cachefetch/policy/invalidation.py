@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from typing import Sequence
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 from .headers import header
 
@@ -21,15 +21,41 @@ def invalidates(method: str, status: int) -> bool:
 def invalidation_targets(target_url: str, headers: Sequence[tuple[str, str]]) -> list[str]:
     """The absolute URLs to invalidate: the target URI, and the ``Location``
     and ``Content-Location`` URLs that share its origin (another origin's
-    URLs must not be invalidated by this one, §4.4)."""
-    origin = urlsplit(target_url)
+    URLs must not be invalidated by this one, §4.4).
+
+    Origins are compared as RFC 6454 does (scheme, host, port, the scheme's
+    default port when none is given), and a same-origin URL is returned
+    spelled with the target's own ``scheme://authority``, so that
+    ``http://example.com:80/y`` names the entry a request with
+    ``Host: example.com`` stored.
+    """
+    parts = urlsplit(target_url)
+    origin = _origin(parts)
     urls = [target_url]
     for name in ("Location", "Content-Location"):
         value = header(headers, name)
         if not value:
             continue
-        url = urljoin(target_url, value.strip())
-        parts = urlsplit(url)
-        if (parts.scheme, parts.netloc.lower()) == (origin.scheme, origin.netloc.lower()) and url not in urls:
+        other = urlsplit(urljoin(target_url, value.strip()))
+        if origin is None or _origin(other) != origin:
+            continue
+        url = other._replace(scheme=parts.scheme, netloc=parts.netloc, fragment="").geturl()
+        if url not in urls:
             urls.append(url)
     return urls
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(parts: SplitResult) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of a URL, or ``None`` if it has no usable one."""
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number, or out of range
+        return None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").rstrip(".")
+    if not host or scheme not in _DEFAULT_PORTS:
+        return None
+    return scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
