@@ -27,6 +27,7 @@ from ..hashing import Hash, Hasher
 from ..store import CAFS, BlobNotFound
 from ..wsgi import StartResponse, WSGIEnviron, plain_response
 from . import auth, metrics
+from .expiry import from_now_ms, write_and_extend
 from .keys import FleetKeys
 from .link import FleetUnavailable, RedisLink
 
@@ -177,7 +178,8 @@ class PeerFiller:
 
     def announce(self, h: Hash) -> None:
         """Tell the fleet this host holds ``h``. :raises FleetUnavailable: if Redis is down."""
-        self.link.run(lambda r: r.sadd(self.keys.holders(h), self.advertise))
+        self.link.run(lambda r: write_and_extend(r, self.keys.holders(h), "sadd", self.advertise,
+                                                 when=from_now_ms()))
 
     def withdraw(self, h: Hash) -> None:
         """Tell the fleet this host no longer holds ``h`` (its blob was evicted or

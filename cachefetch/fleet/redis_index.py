@@ -8,6 +8,9 @@ host; an entry this host lacks the blob of is filled from a peer first
 (:class:`~cachefetch.fleet.peers.PeerFiller`), and is not returned if that
 fails (the request then fetches it itself).
 
+Redis forgets an entry a week after its freshness ends, as the local index
+does (:mod:`~cachefetch.fleet.expiry`).
+
 Redis keeps a set of the hosts that have published their entries: a host
 that is not in it (it is new, or Redis restarted empty) republishes its
 local index first. While Redis is unreachable every operation is local, and
@@ -24,6 +27,7 @@ from ..hashing import Hash
 from ..index import Entry, SQLiteIndex
 from ..store import CAFS
 from . import metrics
+from .expiry import horizon_ms, write_and_extend
 from .keys import FleetKeys
 from .link import FleetUnavailable, RedisLink
 from .peers import PeerFiller
@@ -152,11 +156,11 @@ class RedisIndex:
         self.local.put(entry)
 
     def _publish(self, pipe, entry: Entry, only_new: bool = False):
-        if only_new:
-            pipe.hsetnx(self.keys.entries(entry.key), entry.variant, encode_entry(entry))
-        else:
-            pipe.hset(self.keys.entries(entry.key), entry.variant, encode_entry(entry))
-        pipe.sadd(self.keys.holders(entry.hash), self.filler.advertise)
+        # Both keys live until nothing may serve the entry any more (expiry.py).
+        when = horizon_ms(entry.expires_at)
+        write_and_extend(pipe, self.keys.entries(entry.key), "hsetnx" if only_new else "hset", entry.variant,
+                         encode_entry(entry), when=when)
+        write_and_extend(pipe, self.keys.holders(entry.hash), "sadd", self.filler.advertise, when=when)
         return pipe
 
     def delete(self, key: str, variant: str | None = None) -> int:
