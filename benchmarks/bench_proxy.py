@@ -550,6 +550,9 @@ class Bench:
                     f.write(os.urandom(MiB))
         with open(os.path.join(self.files, "small.bin"), "wb") as f:
             f.write(os.urandom(SMALL_SIZE))
+        # The origin's files written back before any proxy writes its own: their writeback
+        # would otherwise compete with whichever proxy runs first.
+        os.sync()
         self.trickle = self.keep(PythonOrigin(self.workdir, "trickle"))
         if self.nginx:
             port = free_port()
