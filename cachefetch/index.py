@@ -288,8 +288,9 @@ class MaintainedIndex(Index, Protocol):
     def purge_expired(self, before: float, limit: int = 1000) -> int:
         """Delete entries that expired before ``before``."""
 
-    def transaction(self) -> Any:
-        """A context manager: one write transaction."""
+    def transaction(self, *, large: bool = False) -> Any:
+        """A context manager: one write transaction (``large``: one that
+        changes many pages, kept in memory until the commit)."""
 
     def queues(self) -> Any:
         """The eviction queues' state (``cachefetch.eviction``)."""
@@ -801,23 +802,43 @@ class SQLiteIndex:
         return gone
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, large: bool = False) -> Iterator[None]:
         """Run the block as one write transaction on this thread's connection
         (taken at once, so reads inside see what the writes will change).
         What the eviction queues owe is written before the commit; other
-        processes learn of entries they removed once it is done."""
+        processes learn of entries they removed once it is done.
+
+        :param large: the block changes many pages (an eviction batch): keep
+            them all in memory until the commit instead of spilling them to
+            the file, which syncs the journal at each spill and locks readers
+            out from the first one on; and keep each statement's own journal
+            (every row deleted under triggers has one) in memory rather than
+            in a temporary file. The memory is released afterwards.
+        """
         db = self._connect()
-        db.execute("BEGIN IMMEDIATE")
-        txn = self._local.txn = _Transaction(db)
+        if large:
+            default_cache = db.execute("PRAGMA cache_size").fetchone()[0]
+            db.execute(f"PRAGMA cache_size = {-_LARGE_CACHE_KIB}")
+            db.execute("PRAGMA cache_spill = OFF")
+            db.execute("PRAGMA temp_store = MEMORY")
         try:
-            yield
-            txn.settle()
-        except BaseException:
+            db.execute("BEGIN IMMEDIATE")
+            txn = self._local.txn = _Transaction(db)
+            try:
+                yield
+                txn.settle()
+            except BaseException:
+                self._local.txn = None
+                db.execute("ROLLBACK")
+                raise
             self._local.txn = None
-            db.execute("ROLLBACK")
-            raise
-        self._local.txn = None
-        db.execute("COMMIT")
+            db.execute("COMMIT")
+        finally:
+            if large:
+                db.execute(f"PRAGMA cache_size = {default_cache}")
+                db.execute("PRAGMA cache_spill = ON")
+                db.execute("PRAGMA temp_store = DEFAULT")
+                db.execute("PRAGMA shrink_memory")
         if txn.removed:
             self._changed()
 
@@ -859,6 +880,9 @@ class SQLiteIndex:
 
 
 _WAL_LIMIT = 4 << 20
+#: The page cache of a large transaction (KiB): its changed pages, and the
+#: pages it reads again and again (the b-trees' upper levels) besides.
+_LARGE_CACHE_KIB = 64 << 10
 
 
 def _ghost_id(key: str, variant: str) -> int:
@@ -940,6 +964,7 @@ class _Pass:
         # Valid for the whole transaction.
         self.where: dict[Hashable, int] = {}  # the queue of each id moved (or _REMOVED)
         self.ghost_known: dict[int, int | None] = {}  # ghost id -> weight, None: absent
+        self.gids: dict[Hashable, int] = {}  # item id -> ghost id, as learn_ghost worked them out
         # Owed.
         self.pushes: dict[Hashable, tuple[int, int, int]] = {}  # id -> (queue, seq, freq)
         self.removes: dict[Hashable, float] = {}  # id -> last_used when chosen
@@ -1070,11 +1095,19 @@ class _Pass:
 
     def learn_ghost(self, items: list[Item]) -> None:
         """Find out at once which of ``items`` the ghost remembers (for ghost_take)."""
-        ids = [g for g in {_ghost_id(*item.id) for item in items} if g not in self.ghost_known]
+        gids = self.gids
+        for item in items:
+            if item.id not in gids:
+                gids[item.id] = _ghost_id(*item.id)
+        ids = [g for g in {gids[item.id] for item in items} if g not in self.ghost_known]
         for chunk in _chunks(ids):
             self.ghost_known.update(dict.fromkeys(chunk))
             self.ghost_known.update(self.db.execute(
                 f"SELECT id, weight FROM ghost WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+
+    def ghost_id(self, item: Item) -> int:
+        gid = self.gids.get(item.id)
+        return _ghost_id(*item.id) if gid is None else gid
 
     def ghost_weight(self, gid: int) -> int | None:
         if gid not in self.ghost_known:
@@ -1189,10 +1222,12 @@ class SQLiteQueues:
             "ORDER BY last_used, key, variant LIMIT ?", (*cursor, limit))
 
     def ghost_add(self, item: Item) -> None:
-        self._pass(write=True).ghost_add(_ghost_id(*item.id), item.weight)
+        p = self._pass(write=True)
+        p.ghost_add(p.ghost_id(item), item.weight)
 
     def ghost_take(self, item: Item) -> bool:
-        return self._pass(write=True).ghost_forget(_ghost_id(*item.id))
+        p = self._pass(write=True)
+        return p.ghost_forget(p.ghost_id(item))
 
     def ghost_bytes(self) -> int:
         return self._pass().eviction_row()[1]

@@ -326,7 +326,7 @@ def _evict(store: CAFS, index: MaintainedIndex, evictor: Policy, max_size: int, 
     with ThreadPoolExecutor(1, thread_name_prefix="cachefetch-evict") as unlinker:
         removals = []
         while True:
-            with index.transaction():
+            with index.transaction(large=True):
                 batch = _take_victims(victims, excess, unforgotten)
                 forget()
             evicted += len(batch)
