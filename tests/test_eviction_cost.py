@@ -258,3 +258,22 @@ def test_a_pass_killed_at_any_step_leaves_no_entry_naming_a_missing_blob(cafs, p
         assert index.usage().total <= target
     finally:
         index.close()
+
+
+def test_a_large_transaction_puts_the_connection_back_as_it_was(tmp_path):
+    index = SQLiteIndex(tmp_path / "i.sqlite3")
+    try:
+        db = index._connect()
+        pragmas = ("cache_size", "cache_spill", "temp_store")
+        before = [db.execute(f"PRAGMA {p}").fetchone()[0] for p in pragmas]
+        with index.transaction(large=True):
+            assert db.execute("PRAGMA cache_spill").fetchone()[0] == 0
+            assert db.execute("PRAGMA temp_store").fetchone()[0] == 2  # memory
+        assert [db.execute(f"PRAGMA {p}").fetchone()[0] for p in pragmas] == before
+        with pytest.raises(ZeroDivisionError):
+            with index.transaction(large=True):
+                1 / 0
+        assert [db.execute(f"PRAGMA {p}").fetchone()[0] for p in pragmas] == before
+        assert not db.in_transaction
+    finally:
+        index.close()
