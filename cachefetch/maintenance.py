@@ -39,8 +39,10 @@ _FLIGHT_TEMP = re.compile(r"cf-([0-9a-f]{16})-.*\.part")
 #: ``stale_if_error`` (a week), nothing serves them any more.
 STALE_WINDOW = 7 * 86400.0
 _BATCH = 256
-#: Entries evicted per transaction: enough that a commit (a few fsyncs) is
-#: rare, few enough that live writers wait for the lock a few tens of ms.
+#: Entries evicted per transaction: enough that a commit (a few fsyncs, and
+#: each page the batch changed written once) is rare, few enough that a live
+#: writer waits for the lock a few tenths of a second at most (on a 1M-entry
+#: store) and the batch's pages fit the large transaction's page cache.
 _EVICT_BATCH = 4096
 
 
