@@ -17,8 +17,9 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, TypeVar
 
 import blake3
 
@@ -281,11 +282,15 @@ class MaintainedIndex(Index, Protocol):
     def forget_blob(self, h: Hash) -> bool:
         """Stop counting blob ``h`` (its file is gone)."""
 
+    def forget_unreferenced(self, hashes: Iterable[Hash]) -> list[Hash]:
+        """Stop counting those of ``hashes`` no entry points at; returns them."""
+
     def purge_expired(self, before: float, limit: int = 1000) -> int:
         """Delete entries that expired before ``before``."""
 
-    def transaction(self) -> Any:
-        """A context manager: one write transaction."""
+    def transaction(self, *, large: bool = False) -> Any:
+        """A context manager: one write transaction (``large``: one that
+        changes many pages, kept in memory until the commit)."""
 
     def queues(self) -> Any:
         """The eviction queues' state (``cachefetch.eviction``)."""
@@ -344,7 +349,8 @@ def _entry(row: tuple) -> Entry:
 
 def _item(row: tuple) -> Item:
     key, variant, size, queue, freq, last_used, hexhash = row
-    return Item((key, variant), size + ROW_WEIGHT, queue, freq, last_used, Hash.from_hex(hexhash))
+    # The index wrote the hex itself (Hash.from_hex's checks cost more than the rest of a row).
+    return Item((key, variant), size + ROW_WEIGHT, queue, freq, last_used, Hash(bytes.fromhex(hexhash)))
 
 
 def _retry_locked(db: sqlite3.Connection, timeout: float, step) -> None:
@@ -632,6 +638,7 @@ class SQLiteIndex:
         (which keeps its place in the eviction queues)."""
         if not isinstance(entry, Entry):
             raise TypeError(f"put takes an Entry, not {type(entry).__name__}")
+        self._settle()
         self._connect().execute(
             _UPSERT,
             (entry.key, entry.variant, entry.hash.hex, entry.size, entry.status,
@@ -642,6 +649,7 @@ class SQLiteIndex:
     @_healing
     def delete(self, key: str, variant: str | None = None) -> int:
         """Remove one variant, or all of ``key``'s; returns how many rows went."""
+        self._settle()
         db = self._connect()
         if variant is None:
             gone = db.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount
@@ -653,6 +661,7 @@ class SQLiteIndex:
     @_healing
     def delete_hash(self, h: Hash) -> int:
         """Remove every entry that points at blob ``h``; returns how many."""
+        self._settle()
         gone = self._connect().execute("DELETE FROM entries WHERE hash = ?", (h.hex,)).rowcount
         self._changed()
         return gone
@@ -661,6 +670,7 @@ class SQLiteIndex:
     def touch(self, key: str, variant: str, when: float | None = None) -> None:
         """Record a use of an entry: its last use, and one more use counted
         (up to three) for S3-FIFO."""
+        self._settle()
         self._connect().execute(_TOUCH, (time.time() if when is None else when, key, variant))
 
     @_healing
@@ -672,6 +682,7 @@ class SQLiteIndex:
     @_healing
     def totals(self) -> tuple[int, int]:
         """``(entries, bytes of the distinct blobs they point at)``, in O(1)."""
+        self._settle()
         entries, size = self._connect().execute("SELECT entries, blob_bytes FROM totals").fetchone()
         return entries, size
 
@@ -679,6 +690,7 @@ class SQLiteIndex:
     def usage(self) -> Usage:
         """The running totals and the index's own size, in O(1) (no walk of
         the table or of the store)."""
+        self._settle()
         db = self._connect()
         entries, blobs, blob_bytes, orphan_bytes = db.execute(
             "SELECT entries, blobs, blob_bytes, orphan_bytes FROM totals").fetchone()
@@ -755,7 +767,25 @@ class SQLiteIndex:
     def forget_blob(self, h: Hash) -> bool:
         """Stop counting blob ``h`` (its file is gone), unless an entry points
         at it again; returns whether it was forgotten."""
+        self._settle()
         return self._connect().execute("DELETE FROM blobs WHERE hash = ? AND refs <= 0", (h.hex,)).rowcount > 0
+
+    def forget_unreferenced(self, hashes: Iterable[Hash]) -> list[Hash]:
+        """Stop counting those of ``hashes`` no entry points at (one statement
+        per few hundred); returns them. Inside a transaction, remove their
+        files only once it has committed."""
+        self._settle()
+        db = self._connect()
+        by_hex = {h.hex: h for h in hashes}
+        gone: list[Hash] = []
+        for chunk in _chunks(list(by_hex)):
+            rows = db.execute(f"DELETE FROM blobs WHERE refs <= 0 AND hash IN ({','.join('?' * len(chunk))}) "
+                              "RETURNING hash", chunk).fetchall()
+            gone.extend(by_hex[hexhash] for (hexhash,) in rows)
+        txn = getattr(self._local, "txn", None)
+        if txn is not None:
+            txn.left_queues_alone()
+        return gone
 
     def purge_expired(self, before: float, limit: int = 1000) -> int:
         """Delete up to ``limit`` entries that expired before ``before``
@@ -763,6 +793,7 @@ class SQLiteIndex:
         returns how many went. Their blobs become unreferenced, for gc."""
         if limit < 1:
             raise ValueError("limit must be >= 1")
+        self._settle()
         gone = self._connect().execute(
             "DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries WHERE expires_at < ? "
             "ORDER BY expires_at LIMIT ?)", (before, limit)).rowcount
@@ -771,17 +802,52 @@ class SQLiteIndex:
         return gone
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, large: bool = False) -> Iterator[None]:
         """Run the block as one write transaction on this thread's connection
-        (taken at once, so reads inside see what the writes will change)."""
+        (taken at once, so reads inside see what the writes will change).
+        What the eviction queues owe is written before the commit; other
+        processes learn of entries they removed once it is done.
+
+        :param large: the block changes many pages (an eviction batch): keep
+            them all in memory until the commit instead of spilling them to
+            the file, which syncs the journal at each spill and locks readers
+            out from the first one on; and keep each statement's own journal
+            (every row deleted under triggers has one) in memory rather than
+            in a temporary file. The memory is released afterwards.
+        """
         db = self._connect()
-        db.execute("BEGIN IMMEDIATE")
+        if large:
+            default_cache = db.execute("PRAGMA cache_size").fetchone()[0]
+            db.execute(f"PRAGMA cache_size = {-_LARGE_CACHE_KIB}")
+            db.execute("PRAGMA cache_spill = OFF")
+            db.execute("PRAGMA temp_store = MEMORY")
         try:
-            yield
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            txn = self._local.txn = _Transaction(db)
+            try:
+                yield
+                txn.settle()
+            except BaseException:
+                self._local.txn = None
+                db.execute("ROLLBACK")
+                raise
+            self._local.txn = None
+            db.execute("COMMIT")
+        finally:
+            if large:
+                db.execute(f"PRAGMA cache_size = {default_cache}")
+                db.execute("PRAGMA cache_spill = ON")
+                db.execute("PRAGMA temp_store = DEFAULT")
+                db.execute("PRAGMA shrink_memory")
+        if txn.removed:
+            self._changed()
+
+    def _settle(self) -> None:
+        """Inside a transaction: write what the eviction queues owe, so that
+        what follows reads and writes entries as the queues left them."""
+        txn = getattr(self._local, "txn", None)
+        if txn is not None:
+            txn.settle()
 
     def queues(self) -> "SQLiteQueues":
         """The eviction queues of this index, on this thread's connection."""
@@ -814,6 +880,9 @@ class SQLiteIndex:
 
 
 _WAL_LIMIT = 4 << 20
+#: The page cache of a large transaction (KiB): its changed pages, and the
+#: pages it reads again and again (the b-trees' upper levels) besides.
+_LARGE_CACHE_KIB = 64 << 10
 
 
 def _ghost_id(key: str, variant: str) -> int:
@@ -823,79 +892,355 @@ def _ghost_id(key: str, variant: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+#: Rows read per look at a queue's head or at the ghost's oldest ids.
+_PAGE = 512
+#: Ids per ``IN (...)`` list (well under SQLite's limit on bound parameters).
+_IN_CHUNK = 500
+#: Where :class:`_Pass` records an entry it removed.
+_REMOVED = -1
+
+
+def _chunks(values: list, size: int = _IN_CHUNK) -> Iterator[list]:
+    for i in range(0, len(values), size):
+        yield values[i:i + size]
+
+
+class _Transaction:
+    """One write transaction of one thread (:meth:`SQLiteIndex.transaction`):
+    the writes the eviction queues owe it land before it commits, and other
+    processes are told of removed entries once it has."""
+
+    __slots__ = ("db", "queues", "removed")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.queues: _Pass | None = None
+        self.removed = False
+
+    def settle(self) -> None:
+        """Write what is owed (before any other read or write of entries)."""
+        if self.queues is not None:
+            self.queues.flush()
+
+    def left_queues_alone(self) -> None:
+        """Say that the writes since the last settle changed no entry, ghost
+        or eviction row (only blobs): what the queues read still holds."""
+        if self.queues is not None:
+            self.queues.changes = self.db.total_changes
+
+
+class _Page:
+    """The first items of a queue, in order, as read (less those moved since)."""
+
+    __slots__ = ("items", "whole")
+
+    def __init__(self, items: list[Item], whole: bool) -> None:
+        self.items = deque(items)
+        #: Whether it held the whole queue when read, and nothing joined the queue since.
+        self.whole = whole
+
+
+class _Pass:
+    """What :class:`SQLiteQueues` knows and owes within one transaction.
+
+    No other connection can write while the transaction holds the write lock,
+    so what was read stays true until this connection writes: counts, the
+    eviction row, ghost membership and the first page of each queue are kept
+    in memory and updated as the policy moves items; pushes, removals and
+    ghost changes are written in one ``executemany`` each when the
+    transaction settles (before the index is next read or written through
+    :class:`SQLiteIndex`, before the next page is read, and before the commit).
+    """
+
+    def __init__(self, db: sqlite3.Connection, txn: _Transaction | None) -> None:
+        self.db, self.txn = db, txn
+        # Read lazily, valid until a settle.
+        self.counts: dict[int, list[int]] | None = None  # queue -> [entries, bytes]
+        self.row: list | None = None  # [next_seq, ghost_bytes, been_full]
+        self.ghost_old: deque[tuple[int, int]] | None = None  # (id, weight), oldest first
+        self.ghost_moved: set[int] = set()  # ghost ids added or forgotten since it was read
+        # Valid until someone else writes: a page holds only items not moved since.
+        self.heads: dict[int, _Page] = {}
+        # Valid for the whole transaction.
+        self.where: dict[Hashable, int] = {}  # the queue of each id moved (or _REMOVED)
+        self.ghost_known: dict[int, int | None] = {}  # ghost id -> weight, None: absent
+        self.gids: dict[Hashable, int] = {}  # item id -> ghost id, as learn_ghost worked them out
+        # Owed.
+        self.pushes: dict[Hashable, tuple[int, int, int]] = {}  # id -> (queue, seq, freq)
+        self.removes: dict[Hashable, float] = {}  # id -> last_used when chosen
+        self.ghost_forgotten: set[int] = set()
+        self.ghost_added: dict[int, tuple[int, int]] = {}  # ghost id -> (seq, weight)
+        self.row_dirty = False
+        self.changes = db.total_changes
+
+    # -- consistency -----------------------------------------------------------
+
+    def owes(self) -> bool:
+        return bool(self.pushes or self.removes or self.ghost_forgotten or self.ghost_added or self.row_dirty)
+
+    def check(self) -> None:
+        """Drop what was read if someone else wrote on this connection since."""
+        if self.db.total_changes == self.changes:
+            return
+        if self.owes():  # SQLiteIndex settles before its own writes: this was a raw statement
+            raise RuntimeError("entries were changed inside a transaction while the eviction queues owed writes")
+        self._forget_reads()
+        self.heads.clear()
+        self.changes = self.db.total_changes
+
+    def _forget_reads(self) -> None:
+        self.counts = self.row = self.ghost_old = None
+        self.ghost_moved.clear()
+
+    def flush(self) -> None:
+        """Write what is owed; what was read ahead is read again when needed."""
+        self.check()
+        if not self.owes():
+            return
+        db = self.db
+        if self.pushes:
+            db.executemany("UPDATE entries SET queue = ?, seq = ?, freq = ? WHERE key = ? AND variant = ?",
+                           [(q, seq, freq, key, variant) for (key, variant), (q, seq, freq) in self.pushes.items()])
+        if self.removes:
+            # Only if unused since it was chosen: an item read in an earlier
+            # transaction (a page of LRU) may have been used since.
+            db.executemany("DELETE FROM entries WHERE key = ? AND variant = ? AND last_used = ?",
+                           [(key, variant, used) for (key, variant), used in self.removes.items()])
+            if self.txn is not None:
+                self.txn.removed = True
+        if self.ghost_forgotten:
+            db.executemany("DELETE FROM ghost WHERE id = ?", [(g,) for g in self.ghost_forgotten])
+        if self.ghost_added:
+            db.executemany("INSERT INTO ghost VALUES (?, ?, ?)",
+                           [(g, seq, weight) for g, (seq, weight) in self.ghost_added.items()])
+        if self.row_dirty:
+            next_seq, _, been_full = self.row
+            db.execute("UPDATE eviction SET next_seq = ?, been_full = ?", (next_seq, been_full))
+        for id in self.removes:  # gone (or, used since, kept: then read afresh)
+            del self.where[id]
+        self.pushes, self.removes, self.ghost_forgotten, self.ghost_added = {}, {}, set(), {}
+        self.row_dirty = False
+        # The triggers kept the counts exact; they are read again rather than
+        # trusted (an item read in an earlier transaction may have been stale).
+        self._forget_reads()
+        self.changes = db.total_changes
+
+    # -- counts and the eviction row -----------------------------------------
+
+    def count(self, queue: int) -> list[int]:
+        if self.counts is None:
+            self.counts = {q: [n, b] for q, n, b in self.db.execute("SELECT queue, entries, bytes FROM queues")}
+        return self.counts[queue]
+
+    def eviction_row(self) -> list:
+        if self.row is None:
+            self.row = list(self.db.execute("SELECT next_seq, ghost_bytes, been_full FROM eviction").fetchone())
+        return self.row
+
+    def take_seq(self) -> int:
+        row = self.eviction_row()
+        row[0] += 1
+        self.row_dirty = True
+        return row[0] - 1
+
+    def queue_of(self, item: Item) -> int:
+        return self.where.get(item.id, item.queue)
+
+    def moved_item(self, item: Item, to: int) -> int:
+        """Record that ``item`` leaves its queue for ``to`` (or _REMOVED); returns the queue it left."""
+        old = self.queue_of(item)
+        if old == _REMOVED:
+            raise KeyError(f"{item.id!r} was removed")
+        counts = self.count(old)
+        counts[0] -= 1
+        counts[1] -= item.weight
+        if to != _REMOVED:
+            counts = self.count(to)
+            counts[0] += 1
+            counts[1] += item.weight
+        self.where[item.id] = to
+        page = self.heads.get(old)
+        if page is not None:
+            if page.items and page.items[0].id == item.id:
+                page.items.popleft()  # the usual move: the head's
+            elif any(i.id == item.id for i in page.items):
+                del self.heads[old]  # read again after the next settle
+        page = self.heads.get(to)
+        if page is not None:
+            page.whole = False  # it joins the queue's tail, beyond the page
+        return old
+
+    # -- reads of entries ------------------------------------------------------
+
+    def select(self, sql: str, params: tuple) -> list[Item]:
+        """Items from a query of entries, after what is owed is written."""
+        self.flush()
+        return [_item(r) for r in self.db.execute(sql, params)]
+
+    def head(self, queue: int) -> Item | None:
+        page = self.heads.get(queue)
+        if page is not None and page.items:
+            return page.items[0]
+        if page is not None and page.whole:
+            return None
+        # Settled first, the queue's head in the table is the first item not yet moved.
+        rows = self.select(f"SELECT {_ITEM_COLUMNS} FROM entries WHERE queue = ? ORDER BY seq LIMIT ?",
+                           (queue, _PAGE))
+        if queue == SMALL:  # its victims are remembered in the ghost
+            self.learn_ghost(rows)
+        self.heads[queue] = _Page(rows, len(rows) < _PAGE)
+        return rows[0] if rows else None
+
+    # -- the ghost -------------------------------------------------------------
+
+    def learn_ghost(self, items: list[Item]) -> None:
+        """Find out at once which of ``items`` the ghost remembers (for ghost_take)."""
+        gids = self.gids
+        for item in items:
+            if item.id not in gids:
+                gids[item.id] = _ghost_id(*item.id)
+        ids = [g for g in {gids[item.id] for item in items} if g not in self.ghost_known]
+        for chunk in _chunks(ids):
+            self.ghost_known.update(dict.fromkeys(chunk))
+            self.ghost_known.update(self.db.execute(
+                f"SELECT id, weight FROM ghost WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+
+    def ghost_id(self, item: Item) -> int:
+        gid = self.gids.get(item.id)
+        return _ghost_id(*item.id) if gid is None else gid
+
+    def ghost_weight(self, gid: int) -> int | None:
+        if gid not in self.ghost_known:
+            row = self.db.execute("SELECT weight FROM ghost WHERE id = ?", (gid,)).fetchone()
+            self.ghost_known[gid] = None if row is None else row[0]
+        return self.ghost_known[gid]
+
+    def ghost_forget(self, gid: int) -> bool:
+        weight = self.ghost_weight(gid)
+        if weight is None:
+            return False
+        if self.ghost_added.pop(gid, None) is None:
+            self.ghost_forgotten.add(gid)
+        self.ghost_known[gid] = None
+        self.ghost_moved.add(gid)
+        self.eviction_row()[1] -= weight
+        return True
+
+    def ghost_add(self, gid: int, weight: int) -> None:
+        self.ghost_forget(gid)
+        self.ghost_added[gid] = (self.take_seq(), weight)
+        self.ghost_known[gid] = weight
+        self.ghost_moved.add(gid)
+        self.eviction_row()[1] += weight
+
+    def ghost_drop_oldest(self) -> bool:
+        while True:
+            while self.ghost_old:
+                gid, _ = self.ghost_old.popleft()
+                if gid not in self.ghost_moved:
+                    return self.ghost_forget(gid)
+            self.flush()
+            rows = self.db.execute("SELECT id, weight FROM ghost ORDER BY seq LIMIT ?", (_PAGE,)).fetchall()
+            if not rows:
+                return False
+            self.ghost_known.update(rows)
+            self.ghost_old = deque(rows)
+
+
 class SQLiteQueues:
     """:class:`~cachefetch.eviction.state.QueueState` over a
     :class:`SQLiteIndex`: queue, place and use count are columns of the
     entries, the ghost a table of hashed ids; one state for every worker on
     the store, kept across restarts.
 
-    Use it from one thread, inside :meth:`SQLiteIndex.transaction` (places in
-    the queues are numbered from a counter read once per transaction).
-    Removing an item deletes its entry.
+    Use it from one thread, inside :meth:`SQLiteIndex.transaction` (reads
+    alone also work outside one). Within a transaction it costs what the
+    policy moves, not a statement per call: it reads a queue's head a page at
+    a time and keeps the counts in memory, and writes its pushes, removals and
+    ghost changes in one batch before the index is next read or written
+    through :class:`SQLiteIndex`, and before the commit. (A raw
+    ``SELECT`` of entries in between does not see them yet.) Removing an item
+    deletes its entry unless it was used since it was read.
     """
 
     def __init__(self, index: SQLiteIndex) -> None:
         self._index = index
 
-    @property
-    def _db(self) -> sqlite3.Connection:
-        return self._index._connect()
-
-    def _next_seq(self) -> int:
-        db = self._db
-        if not db.in_transaction:
-            raise RuntimeError("SQLiteQueues must be used inside SQLiteIndex.transaction()")
-        return db.execute("UPDATE eviction SET next_seq = next_seq + 1 RETURNING next_seq - 1").fetchone()[0]
+    def _pass(self, write: bool = False) -> _Pass:
+        """This transaction's pass (one per transaction, shared by every
+        SQLiteQueues of the index on this thread); outside a transaction a
+        throwaway one that may only read."""
+        txn = getattr(self._index._local, "txn", None)
+        if txn is None:
+            if write:
+                raise RuntimeError("SQLiteQueues must be used inside SQLiteIndex.transaction()")
+            return _Pass(self._index._connect(), None)
+        if txn.queues is None:
+            txn.queues = _Pass(txn.db, txn)
+        txn.queues.check()
+        return txn.queues
 
     def pending(self, limit: int) -> list[Item]:
+        p = self._pass()
         # seq is 0 until admitted: rowid (put order) decides among them.
-        rows = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM entries WHERE queue = {PENDING} "
-                                "ORDER BY seq, rowid LIMIT ?", (limit,)).fetchall()
-        return [_item(r) for r in rows]
+        items = p.select(f"SELECT {_ITEM_COLUMNS} FROM entries WHERE queue = {PENDING} "
+                         "ORDER BY seq, rowid LIMIT ?", (limit,))
+        p.learn_ghost(items)  # admission asks the ghost about each
+        return items
 
     def head(self, queue: int) -> Item | None:
-        row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM entries WHERE queue = ? ORDER BY seq LIMIT 1",
-                               (queue,)).fetchone()
-        return None if row is None else _item(row)
+        p = self._pass()
+        if queue == PENDING:
+            items = p.select(f"SELECT {_ITEM_COLUMNS} FROM entries WHERE queue = {PENDING} "
+                             "ORDER BY seq, rowid LIMIT 1", ())
+            return items[0] if items else None
+        return p.head(queue)
 
     def push(self, item: Item, queue: int, freq: int) -> None:
-        key, variant = item.id
-        self._db.execute("UPDATE entries SET queue = ?, seq = ?, freq = ? WHERE key = ? AND variant = ?",
-                         (queue, self._next_seq(), freq, key, variant))
+        p = self._pass(write=True)
+        p.moved_item(item, queue)
+        p.pushes[item.id] = (queue, p.take_seq(), freq)
 
     def remove(self, item: Item) -> None:
-        self._index.delete(*item.id)
+        p = self._pass(write=True)
+        if p.queue_of(item) == _REMOVED:
+            return
+        p.moved_item(item, _REMOVED)
+        p.pushes.pop(item.id, None)
+        p.removes[item.id] = item.last_used
 
     def queue_bytes(self, queue: int) -> int:
-        return self._db.execute("SELECT bytes FROM queues WHERE queue = ?", (queue,)).fetchone()[0]
+        return self._pass().count(queue)[1]
 
     def queue_len(self, queue: int) -> int:
-        return self._db.execute("SELECT entries FROM queues WHERE queue = ?", (queue,)).fetchone()[0]
+        return self._pass().count(queue)[0]
 
     def least_recently_used(self, after: Item | None, limit: int) -> list[Item]:
         cursor = (float("-inf"), "", "") if after is None else (after.last_used, *after.id)
-        rows = self._db.execute(
+        return self._pass().select(
             f"SELECT {_ITEM_COLUMNS} FROM entries WHERE (last_used, key, variant) > (?, ?, ?) "
-            "ORDER BY last_used, key, variant LIMIT ?", (*cursor, limit)).fetchall()
-        return [_item(r) for r in rows]
+            "ORDER BY last_used, key, variant LIMIT ?", (*cursor, limit))
 
     def ghost_add(self, item: Item) -> None:
-        self.ghost_take(item)  # not INSERT OR REPLACE: its delete would skip the ghost_removed trigger
-        self._db.execute("INSERT INTO ghost VALUES (?, ?, ?)",
-                         (_ghost_id(*item.id), self._next_seq(), item.weight))
+        p = self._pass(write=True)
+        p.ghost_add(p.ghost_id(item), item.weight)
 
     def ghost_take(self, item: Item) -> bool:
-        return self._db.execute("DELETE FROM ghost WHERE id = ?", (_ghost_id(*item.id),)).rowcount > 0
+        p = self._pass(write=True)
+        return p.ghost_forget(p.ghost_id(item))
 
     def ghost_bytes(self) -> int:
-        return self._db.execute("SELECT ghost_bytes FROM eviction").fetchone()[0]
+        return self._pass().eviction_row()[1]
 
     def ghost_drop_oldest(self) -> bool:
-        return self._db.execute(
-            "DELETE FROM ghost WHERE id = (SELECT id FROM ghost ORDER BY seq LIMIT 1)").rowcount > 0
+        return self._pass(write=True).ghost_drop_oldest()
 
     def been_full(self) -> bool:
-        return bool(self._db.execute("SELECT been_full FROM eviction").fetchone()[0])
+        return bool(self._pass().eviction_row()[2])
 
     def mark_full(self) -> None:
-        self._db.execute("UPDATE eviction SET been_full = 1 WHERE been_full = 0")
+        p = self._pass(write=True)
+        row = p.eviction_row()
+        if not row[2]:
+            row[2] = 1
+            p.row_dirty = True

@@ -15,11 +15,12 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .eviction import make_policy
-from .eviction.policy import DEFAULT_POLICY, Policy
+from .eviction.policy import DEFAULT_POLICY, Policy, always
 from .eviction.state import Item
 from .hashing import Hash
 from .flights import Flights
@@ -38,6 +39,11 @@ _FLIGHT_TEMP = re.compile(r"cf-([0-9a-f]{16})-.*\.part")
 #: ``stale_if_error`` (a week), nothing serves them any more.
 STALE_WINDOW = 7 * 86400.0
 _BATCH = 256
+#: Entries evicted per transaction: enough that a commit (a few fsyncs, and
+#: each page the batch changed written once) is rare, few enough that a live
+#: writer waits for the lock a few tenths of a second at most (on a 1M-entry
+#: store) and the batch's pages fit the large transaction's page cache.
+_EVICT_BATCH = 4096
 
 
 def parse_size(text: str) -> int:
@@ -191,14 +197,6 @@ def _unlink_blob(store: CAFS, index: MaintainedIndex, h: Hash) -> bool:
     return removed
 
 
-def _unlink_blobs(store: CAFS, index: MaintainedIndex, hashes: set[Hash]) -> int:
-    """:func:`_unlink_blob` for many, forgotten in one transaction, then
-    their files removed (a crash in between leaves files for the sweep)."""
-    with index.transaction():
-        gone = [h for h in hashes if index.forget_blob(h)]
-    return sum(store.delete(h) for h in gone)
-
-
 def sweep_blobs(store: CAFS, index: MaintainedIndex, *, grace: float = 600.0) -> int:
     """Remove blob files the index does not know, once older than ``grace``
     seconds (a younger one may be a commit whose entry is about to be
@@ -300,44 +298,78 @@ def _all_unreferenced(index: MaintainedIndex, before: float) -> Iterator[tuple[H
 def _evict(store: CAFS, index: MaintainedIndex, evictor: Policy, max_size: int, protect_from: float,
            usage: Usage) -> tuple[int, int]:
     """Evict in ``evictor``'s order until under ``max_size``, in transactions
-    of a few hundred entries, each followed by the removal of the blobs it
-    left unreferenced. Returns ``(entries evicted, blobs removed)``."""
-    busy = open_blobs(store)
-    # Within the pass: blobs left unreferenced by this pass count as gone
-    # (their files go after each transaction), the -wal as it was at the start.
+    of up to :data:`_EVICT_BATCH` entries. Each transaction also stops
+    counting the blobs it left unreferenced; their files are removed once it
+    has committed (an entry never names a missing file; a pass killed in
+    between leaves files no row names, for the sweep), on another thread
+    while the next transaction runs. Returns ``(entries evicted, blobs
+    removed)``."""
+    busy = _open_blob_names(store)
+    # Within the pass: the -wal counts as it was at the start; blobs this pass
+    # left unreferenced are no longer counted (forgotten), the others are.
     kept_orphans, wal = usage.orphan_bytes, usage.wal_bytes
+    unforgotten: list[Item] = []
+    forgotten: list[Hash] = []
 
     def can_evict(item: Item) -> bool:
-        return store.path(item.blob) not in busy
+        return item.blob.hex not in busy
+
+    def forget() -> None:
+        forgotten.extend(index.forget_unreferenced({v.blob for v in unforgotten}))
+        unforgotten.clear()
 
     def excess() -> int:
+        forget()
         u = index.usage()
         return u.blob_bytes + kept_orphans + u.index_bytes + wal - max_size
 
-    queues = index.queues()
-    victims = evictor.victims(queues, can_evict=can_evict, protect_from=protect_from)
-    evicted = removed = 0
-    while True:
-        batch: list[Item] = []
-        with index.transaction():
-            # Measuring costs a few statements: it is done again only once
-            # the victims' weights cover what was over at the last look
-            # (a row frees its page only when the page empties, so a weight
-            # can promise more than it frees, never much less).
-            left = 0
-            for victim in victims:
-                batch.append(victim)
-                left -= victim.weight
-                if len(batch) >= _BATCH:
-                    break
-                if left <= 0:
-                    left = excess()
-                    if left <= 0:
-                        break
-        evicted += len(batch)
-        removed += _unlink_blobs(store, index, {v.blob for v in batch})
-        if len(batch) < _BATCH or excess() <= 0:
-            return evicted, removed
+    victims = evictor.victims(index.queues(), can_evict=can_evict if busy else always, protect_from=protect_from)
+    evicted = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="cachefetch-evict") as unlinker:
+        removals = []
+        while True:
+            with index.transaction(large=True):
+                batch = _take_victims(victims, excess, unforgotten)
+                forget()
+            evicted += len(batch)
+            removals.append(unlinker.submit(_delete_blobs, store, forgotten[:]))
+            forgotten.clear()
+            if len(batch) < _EVICT_BATCH or excess() <= 0:
+                break
+        removed = sum(f.result() for f in removals)
+    return evicted, removed
+
+
+def _take_victims(victims: Iterator[Item], excess: Callable[[], int], taken: list[Item]) -> list[Item]:
+    """Up to :data:`_EVICT_BATCH` victims, fewer once they cover ``excess()``;
+    each is appended to ``taken`` as well."""
+    # Measuring costs a few statements (and writes what the queues owe): it is
+    # done again only once the victims' weights cover what was over at the
+    # last look (a row frees its page only when the page empties, so a weight
+    # can promise more than it frees, never much less).
+    batch: list[Item] = []
+    left = 0
+    for victim in victims:
+        batch.append(victim)
+        taken.append(victim)
+        left -= victim.weight
+        if len(batch) >= _EVICT_BATCH:
+            break
+        if left <= 0:
+            left = excess()
+            if left <= 0:
+                break
+    return batch
+
+
+def _delete_blobs(store: CAFS, hashes: list[Hash]) -> int:
+    """Remove the files of ``hashes``; returns how many were there."""
+    return sum(store.delete(h) for h in hashes)
+
+
+def _open_blob_names(store: CAFS) -> set[str]:
+    """The names (hashes, in hex) of the blobs some process has open now."""
+    return {os.path.basename(path) for path in open_blobs(store)}
 
 
 class SizeLimiter:

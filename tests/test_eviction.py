@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from cachefetch.eviction import LRU, MAIN, PENDING, S3FIFO, SMALL, MemoryQueues, make_policy, replay
+from cachefetch.eviction import LRU, MAIN, PENDING, S3FIFO, SMALL, Item, MemoryQueues, make_policy, replay
 from cachefetch.hashing import hash_bytes
+import cachefetch.index as index_module
 from cachefetch.index import ROW_WEIGHT, Entry, SQLiteIndex
 
 
@@ -192,8 +193,12 @@ def _memory_step(state: MemoryQueues, policy, capacity: int, t: int, key: str, s
                 break
 
 
+@pytest.mark.parametrize("page", [512, 2], ids=["pages of 512", "pages of 2"])
 @pytest.mark.parametrize("name", ["s3fifo", "lru"])
-def test_sqlite_and_memory_backends_agree_on_a_random_trace(tmp_path, name):
+def test_sqlite_and_memory_backends_agree_on_a_random_trace(tmp_path, monkeypatch, name, page):
+    # Pages of 2: the SQLite queues run out of what they read ahead mid-eviction,
+    # and write what they owe before reading on, many times per pass.
+    monkeypatch.setattr(index_module, "_PAGE", page)
     rng = random.Random(7)
     sizes = {f"k{i}": rng.randrange(0, 3000) for i in range(60)}
     keys = list(sizes)
@@ -261,5 +266,68 @@ def test_sqlite_queues_refuse_to_number_places_outside_a_transaction(tmp_path):
         (item,) = queues.pending(1)
         with pytest.raises(RuntimeError, match="transaction"):
             queues.push(item, SMALL, 0)
+    finally:
+        index.close()
+
+
+def _look(state) -> tuple:
+    heads = tuple(None if (h := state.head(q)) is None else (h.id, h.queue, h.freq) for q in (SMALL, MAIN))
+    return (heads, tuple(state.queue_len(q) for q in (PENDING, SMALL, MAIN)),
+            tuple(state.queue_bytes(q) for q in (PENDING, SMALL, MAIN)), state.ghost_bytes())
+
+
+def test_sqlite_queues_follow_the_memory_ones_through_random_moves(tmp_path, monkeypatch):
+    """Every QueueState call, in random order (moves of heads and of items
+    behind them, the ghost's three), answered the same by both backends after
+    each call, with pages of two so the SQLite side reads ahead, runs out and
+    writes what it owes all the time."""
+    monkeypatch.setattr(index_module, "_PAGE", 2)
+    rng = random.Random(11)
+    index = SQLiteIndex(tmp_path / "i.sqlite3")
+    memory = MemoryQueues()
+    try:
+        for i in range(40):
+            index.put(Entry(f"k{i}", "", hash_bytes(b"%d" % i), 10 * i))
+            index.touch(f"k{i}", "", float(i))
+            memory.add((f"k{i}", ""), 10 * i + ROW_WEIGHT, float(i))
+        queues = index.queues()
+        stored, gone = {(f"k{i}", "") for i in range(40)}, []
+        for _ in range(150):
+            with index.transaction():
+                assert _look(queues) == _look(memory)
+                # Some transactions only touch the ghost (nothing else makes the SQLite side write and read again).
+                menu = rng.choice([["admit", "push head", "push head", "remove", "ghost add", "ghost take",
+                                    "ghost drop"], ["ghost add", "ghost take", "ghost drop"]])
+                for _ in range(rng.randrange(1, 12)):
+                    op = rng.choice(menu)
+                    to, freq = rng.choice([SMALL, MAIN]), rng.randrange(4)
+                    if op == "admit" and memory.queue_len(PENDING):
+                        (a,), (b,) = queues.pending(1), memory.pending(1)
+                        queues.push(a, to, freq)
+                        memory.push(b, to, freq)
+                    elif op == "push head":
+                        q = rng.choice([SMALL, MAIN])
+                        a, b = queues.head(q), memory.head(q)
+                        if b is not None:
+                            queues.push(a, to, freq)
+                            memory.push(b, to, freq)
+                    elif op == "remove" and stored:
+                        id = rng.choice(sorted(stored))  # often behind a head
+                        (a,) = [i for i in queues.least_recently_used(None, 100) if i.id == id]
+                        queues.remove(a)
+                        memory.remove(memory.get(id))
+                        stored.discard(id)
+                        gone.append(Item(id, a.weight))
+                    elif op == "ghost add" and gone:
+                        item = rng.choice(gone[-5:])  # a few, so that they meet in the ghost
+                        queues.ghost_add(item)
+                        memory.ghost_add(item)
+                    elif op == "ghost take" and gone:
+                        item = rng.choice(gone[-5:])
+                        assert queues.ghost_take(item) == memory.ghost_take(item)
+                    elif op == "ghost drop":
+                        assert queues.ghost_drop_oldest() == memory.ghost_drop_oldest()
+                    assert _look(queues) == _look(memory), op
+        assert len(gone) > 5
     finally:
         index.close()
