@@ -332,7 +332,7 @@ def _evict(store: CAFS, index: MaintainedIndex, evictor: Policy, max_size: int, 
                 batch = _take_victims(victims, excess, unforgotten)
                 forget()
             evicted += len(batch)
-            removals.append(unlinker.submit(_delete_blobs, store, forgotten[:]))
+            removals.append(unlinker.submit(_delete_blobs, store, index, forgotten[:]))
             forgotten.clear()
             if len(batch) < _EVICT_BATCH or excess() <= 0:
                 break
@@ -362,9 +362,11 @@ def _take_victims(victims: Iterator[Item], excess: Callable[[], int], taken: lis
     return batch
 
 
-def _delete_blobs(store: CAFS, hashes: list[Hash]) -> int:
-    """Remove the files of ``hashes``; returns how many were there."""
-    return sum(store.delete(h) for h in hashes)
+def _delete_blobs(store: CAFS, index: MaintainedIndex, hashes: list[Hash]) -> int:
+    """Remove the files of ``hashes`` the index has not come to know again
+    since they were forgotten (a put of the same content meanwhile found the
+    file and named it); returns how many were removed."""
+    return sum(store.delete(h) for h in hashes if not index.known(h))
 
 
 def _open_blob_names(store: CAFS) -> set[str]:

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -42,8 +43,11 @@ class CountingConnection:
 
 
 def counting(index: SQLiteIndex, monkeypatch) -> CountingConnection:
+    """Count this thread's statements (the pass's); another thread (the
+    unlinker's one check per file) keeps a connection of its own."""
     conn = CountingConnection(index._connect())
-    monkeypatch.setattr(index, "_connect", lambda: conn)
+    owner, real = threading.get_ident(), index._connect
+    monkeypatch.setattr(index, "_connect", lambda: conn if threading.get_ident() == owner else real())
     return conn
 
 
@@ -275,5 +279,23 @@ def test_a_large_transaction_puts_the_connection_back_as_it_was(tmp_path):
                 1 / 0
         assert [db.execute(f"PRAGMA {p}").fetchone()[0] for p in pragmas] == before
         assert not db.in_transaction
+    finally:
+        index.close()
+
+
+def test_a_blob_stored_again_before_its_deferred_unlink_is_kept(tmp_path):
+    """The files of a pass's victims go after its commit, on another thread: a
+    put of the same content in between found the file and named it, so the
+    unlink must leave it (else that entry would name a missing blob)."""
+    from cachefetch.maintenance import _delete_blobs
+    from cachefetch.store import CAFS
+
+    store = CAFS(tmp_path / "store", fsync=False)
+    index = SQLiteIndex(store.layout.index_path)
+    try:
+        again = add_entry(store, index, "k-again", b"stored again")
+        gone = store.put(b"really gone").hash  # a file no row names: forgotten by the pass
+        assert _delete_blobs(store, index, [again.hash, gone]) == 1
+        assert store.exists(again.hash) and not store.exists(gone)
     finally:
         index.close()
