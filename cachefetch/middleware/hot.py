@@ -1,0 +1,225 @@
+"""The hot path: small fresh entries answered from this process's memory.
+
+A request that needs none of the planner's judgement (a ``GET`` with no
+conditionals, no ``Range``, no ``Authorization``, no ``Cache-Control`` or
+``Pragma``, no body, and no ``Cookie`` unless cookies are ignored) is, for a
+stored response that is fresh and not ``no-cache``, always a plain hit: the
+stored status and fields, a recomputed ``Age``, ``Cache-Status: hit`` with
+its ``ttl``, the whole body. :class:`HotTable` keeps such answers built, with
+their body bytes, for entries up to a size, within a byte budget.
+
+It is exact: every use reads the index (``Index.get``, which reflects every
+change any process has made) and serves a remembered answer only if the
+stored entry it was built from is still the one the index holds, equal in
+every field. An entry replaced, refreshed or invalidated by any worker is
+so never answered from an older copy; what is not a plain hit falls through
+to the full path (:mod:`.core`), unchanged.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from ..index import Entry, Index, IndexUnavailable
+from ..policy import ENVIRON_KEY, CacheRules, CacheStatus, response_directives
+from ..replay import etag_for, whole_fields
+from ..store import CAFS, BlobNotFound
+from ..wsgi import StartResponse, WSGIEnviron
+from . import hit
+
+__all__ = ["HotTable", "HotAnswer", "plain_hit_request"]
+
+# Request fields that may change the answer to a GET for a fresh entry: any
+# one of them sends the request down the full path.
+_PLANNED = frozenset({"HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_AUTHORIZATION", "HTTP_TRANSFER_ENCODING",
+                      "HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE",
+                      "HTTP_IF_UNMODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE"})
+_PLANNED_WITH_COOKIE = _PLANNED | {"HTTP_COOKIE"}
+# What an answer costs besides its body and fields (the record, its tuples, the dict slots).
+_OVERHEAD = 512
+
+
+def plain_hit_request(environ: WSGIEnviron, planned: frozenset[str] = _PLANNED_WITH_COOKIE) -> bool:
+    """Whether a request is one any fresh, shareable, not ``no-cache`` entry
+    answers as a plain hit: a ``GET`` without any field in ``planned`` and
+    without a body (as :func:`cachefetch.policy.read_request` judges one)."""
+    if environ.get("REQUEST_METHOD") != "GET" or not environ.keys().isdisjoint(planned):
+        return False
+    length = environ.get("CONTENT_LENGTH")
+    return not length or str(length).strip() in ("", "0")
+
+
+@dataclass(slots=True)
+class _Stamp:
+    """The per-second parts of an answer (Age and ttl change once a second), built once each."""
+
+    age: int
+    ttl: int | None
+    fields: tuple[tuple[str, str], tuple[str, str]]
+    status: CacheStatus
+
+
+@dataclass(slots=True, eq=False)
+class HotAnswer:
+    """A plain hit on ``entry``, built: its status line, its fields up to
+    ``Age`` (as :func:`cachefetch.replay.serve_blob_file` sends them for a
+    whole body), and its body."""
+
+    entry: Entry
+    status: str
+    head: tuple[tuple[str, str], ...]
+    body: bytes
+    weight: int
+    stamp: _Stamp | None = field(default=None)
+
+    def stamped(self, now: float) -> _Stamp:
+        """``Age`` and ``Cache-Status`` for an answer at ``now`` (epoch seconds)."""
+        entry = self.entry
+        age = entry.age(now)
+        expires = entry.expires_at
+        ttl = None if expires is None or expires == float("inf") else int(expires - now)
+        stamp = self.stamp
+        if stamp is not None and stamp.age == age and stamp.ttl == ttl:
+            return stamp
+        status = CacheStatus(hit=True, ttl=ttl)
+        stamp = _Stamp(age, ttl, (("Age", str(age)), CacheStatus.header(status)), status)
+        self.stamp = stamp  # one assignment: a racing thread sees the old stamp or this one
+        return stamp
+
+
+class HotTable:
+    """Built answers for small fresh entries, per process, at most ``max_bytes``
+    of them (bodies, fields and an estimate of each record's own cost).
+
+    :meth:`serve` answers a plain-hit request from memory or returns
+    ``None`` (then the caller takes the full path); :meth:`learn` remembers
+    an entry the full path has just served. Oldest learnt goes first when
+    the budget is full. Thread-safe.
+
+    :param max_bytes: the budget; ``0`` disables the table.
+    :param max_object_size: bodies larger than this are never kept.
+    :raises ValueError: on a negative bound.
+    """
+
+    def __init__(self, index: Index, store: CAFS, rules: CacheRules, clock: Callable[[], float],
+                 record_use: Callable[[Entry], None], max_bytes: int, max_object_size: int) -> None:
+        if max_bytes < 0 or max_object_size < 0:
+            raise ValueError("HotTable bounds must be bytes >= 0")
+        self._index = index
+        self._store = store
+        self._rules = rules
+        self._clock = clock
+        self._record_use = record_use
+        self.max_bytes = max_bytes
+        self.max_object_size = max_object_size
+        self._planned = _PLANNED if rules.cookies == "ignore" else _PLANNED_WITH_COOKIE
+        self._lock = threading.Lock()
+        # key -> variant -> answer. Read without the lock (single dict lookups);
+        # changed only under it.
+        self._table: dict[str, dict[str, HotAnswer]] = {}
+        self._bytes = 0  # guarded by _lock
+
+    @property
+    def size(self) -> int:
+        """Bytes the table holds now, as it counts them."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in list(self._table.values()))
+
+    def serve(self, environ: WSGIEnviron, start_response: StartResponse, key: str) -> Iterable[bytes] | None:
+        """Answer from memory if this is a plain-hit request for a remembered
+        entry that is still the index's, fresh; else ``None``, having sent nothing."""
+        variants = self._table.get(key)
+        if variants is None or not plain_hit_request(environ, self._planned):
+            return None
+        try:
+            entries = self._index.get(key)
+        except IndexUnavailable:
+            return None  # the full path answers uncached
+        entry = hit.matching(entries, environ)
+        if entry is None:
+            return None
+        answer = variants.get(entry.variant)
+        if answer is None:
+            return None
+        if answer.entry is not entry and answer.entry != entry:  # replaced or refreshed since
+            self._forget(key, entry.variant, answer)
+            return None
+        now = self._clock()
+        if entry.expires_at is not None and not entry.expires_at - now > 0:
+            return None  # stale: the full path decides (revalidate, swr, stale-if-error...)
+        stamp = answer.stamped(now)
+        environ[ENVIRON_KEY] = stamp.status
+        self._record_use(entry)
+        start_response(answer.status, [*answer.head, *stamp.fields])
+        return [answer.body]
+
+    def learn(self, environ: WSGIEnviron, entry: Entry) -> None:
+        """Remember ``entry`` (just served by the full path) if it fits:
+        small, fresh now, not ``no-cache``, and the request a plain hit.
+        Reads its blob; a missing blob is left to the full path."""
+        if (self.max_bytes == 0 or entry.size > self.max_object_size
+                or not plain_hit_request(environ, self._planned) or not entry.is_fresh(self._clock())):
+            return
+        cc, _ = response_directives(entry.headers, self._rules.targeted_fields)
+        if cc.no_cache:
+            return
+        variants = self._table.get(entry.key)
+        known = variants.get(entry.variant) if variants else None
+        if known is not None and known.entry == entry:
+            return
+        body = self._read(entry)
+        if body is None:
+            return
+        opts = hit.options_for(entry)
+        head = whole_fields(opts, opts.etag or etag_for(entry), len(body))
+        weight = len(body) + _OVERHEAD + sum(len(k) + len(v) for k, v in head) + len(entry.key)
+        if weight > self.max_bytes:
+            return
+        self._put(HotAnswer(entry, opts.status, tuple(head), body, weight))
+
+    def _read(self, entry: Entry) -> bytes | None:
+        """The blob's bytes, if it is there and has the entry's size."""
+        try:
+            file = self._store.open(entry.hash, buffered=False)
+        except BlobNotFound:
+            return None
+        with file:
+            body = os.pread(file.fileno(), entry.size + 1, 0)
+        return body if len(body) == entry.size else None
+
+    def _put(self, answer: HotAnswer) -> None:
+        entry = answer.entry
+        with self._lock:
+            variants = self._table.pop(entry.key, {})  # re-inserted last: the newest learnt
+            old = variants.get(entry.variant)
+            if old is not None:
+                self._bytes -= old.weight
+            variants = {**variants, entry.variant: answer}
+            self._table[entry.key] = variants
+            self._bytes += answer.weight
+            while self._bytes > self.max_bytes:
+                oldest = next(iter(self._table))
+                for gone in self._table.pop(oldest).values():
+                    self._bytes -= gone.weight
+
+    def _forget(self, key: str, variant: str, answer: HotAnswer) -> None:
+        with self._lock:
+            variants = self._table.get(key)
+            if variants is None or variants.get(variant) is not answer:
+                return  # already replaced
+            rest = {v: a for v, a in variants.items() if v != variant}
+            if rest:
+                self._table[key] = rest
+            else:
+                del self._table[key]
+            self._bytes -= answer.weight
+
+    def clear(self) -> None:
+        """Forget every answer."""
+        with self._lock:
+            self._table = {}
+            self._bytes = 0
