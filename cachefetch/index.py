@@ -610,8 +610,13 @@ class SQLiteIndex:
 
     @_healing
     def get(self, key: str) -> list[Entry]:
-        """Every stored variant for ``key``, as of every change already made."""
-        generation = self.generation()
+        """Every stored variant for ``key``, as of every change already made.
+
+        While the index is unchanged the same list (the memo's) is returned
+        again: callers must not change it.
+        """
+        # generation() without its own _healing wrapper: every hit comes through here
+        generation = os.pread(self._generation_fd(), _GENERATION_SIZE, 0)
         if generation != self._memo_generation:
             self._memo, self._memo_generation = {}, generation
         memo = self._memo

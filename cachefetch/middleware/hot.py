@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..index import Entry, Index, IndexUnavailable
-from ..policy import ENVIRON_KEY, CacheRules, CacheStatus, response_directives
+from ..policy import ENVIRON_KEY, CacheRules, CacheStatus, response_directives, variant_of
 from ..replay import etag_for, whole_fields
 from ..store import CAFS, BlobNotFound
 from ..wsgi import StartResponse, WSGIEnviron
@@ -37,6 +37,8 @@ _PLANNED = frozenset({"HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_AUTHORIZATION",
                       "HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE",
                       "HTTP_IF_UNMODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE"})
 _PLANNED_WITH_COOKIE = _PLANNED | {"HTTP_COOKIE"}
+_NO_BODY = (None, "", "0")  # CONTENT_LENGTH values of a request without a body
+_FOREVER = float("inf")
 # What an answer costs besides its body and fields (the record, its tuples, the dict slots).
 _OVERHEAD = 512
 
@@ -47,17 +49,16 @@ def plain_hit_request(environ: WSGIEnviron, planned: frozenset[str] = _PLANNED_W
     without a body (as :func:`cachefetch.policy.read_request` judges one)."""
     if environ.get("REQUEST_METHOD") != "GET" or not environ.keys().isdisjoint(planned):
         return False
-    length = environ.get("CONTENT_LENGTH")
-    return not length or str(length).strip() in ("", "0")
+    return environ.get("CONTENT_LENGTH") in _NO_BODY
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Stamp:
-    """The per-second parts of an answer (Age and ttl change once a second), built once each."""
+    """An answer's fields for one ``Age`` and ``ttl`` (both change once a second), built once each."""
 
     age: int
     ttl: int | None
-    fields: tuple[tuple[str, str], tuple[str, str]]
+    headers: tuple[tuple[str, str], ...]
     status: CacheStatus
 
 
@@ -74,19 +75,11 @@ class HotAnswer:
     weight: int
     stamp: _Stamp | None = field(default=None)
 
-    def stamped(self, now: float) -> _Stamp:
-        """``Age`` and ``Cache-Status`` for an answer at ``now`` (epoch seconds)."""
-        entry = self.entry
-        age = entry.age(now)
-        expires = entry.expires_at
-        ttl = None if expires is None or expires == float("inf") else int(expires - now)
-        stamp = self.stamp
-        if stamp is not None and stamp.age == age and stamp.ttl == ttl:
-            return stamp
-        status = CacheStatus(hit=True, ttl=ttl)
-        stamp = _Stamp(age, ttl, (("Age", str(age)), CacheStatus.header(status)), status)
-        self.stamp = stamp  # one assignment: a racing thread sees the old stamp or this one
-        return stamp
+
+def _stamp(answer: HotAnswer, age: int, ttl: int | None) -> _Stamp:
+    """``answer``'s fields with ``Age: age`` and ``Cache-Status: hit; ttl=ttl``."""
+    status = CacheStatus(hit=True, ttl=ttl)
+    return _Stamp(age, ttl, (*answer.head, ("Age", str(age)), CacheStatus.header(status)), status)
 
 
 class HotTable:
@@ -132,15 +125,19 @@ class HotTable:
     def serve(self, environ: WSGIEnviron, start_response: StartResponse, key: str) -> Iterable[bytes] | None:
         """Answer from memory if this is a plain-hit request for a remembered
         entry that is still the index's, fresh; else ``None``, having sent nothing."""
+        # Every hit runs this: it is written flat, with no call it can do without.
         variants = self._table.get(key)
-        if variants is None or not plain_hit_request(environ, self._planned):
+        if (variants is None or environ.get("REQUEST_METHOD") != "GET" or not environ.keys().isdisjoint(self._planned)
+                or environ.get("CONTENT_LENGTH") not in _NO_BODY):
             return None
         try:
             entries = self._index.get(key)
         except IndexUnavailable:
             return None  # the full path answers uncached
-        entry = hit.matching(entries, environ)
-        if entry is None:
+        for entry in entries:  # hit.matching, without the call for a response that does not vary
+            if entry.variant == (variant_of(environ, entry.vary) if entry.vary else ""):
+                break
+        else:
             return None
         answer = variants.get(entry.variant)
         if answer is None:
@@ -149,12 +146,17 @@ class HotTable:
             self._forget(key, entry.variant, answer)
             return None
         now = self._clock()
-        if entry.expires_at is not None and not entry.expires_at - now > 0:
+        expires = entry.expires_at
+        if expires is not None and not expires - now > 0:
             return None  # stale: the full path decides (revalidate, swr, stale-if-error...)
-        stamp = answer.stamped(now)
+        age = entry.age(now)
+        ttl = None if expires is None or expires == _FOREVER else int(expires - now)
+        stamp = answer.stamp
+        if stamp is None or stamp.age != age or stamp.ttl != ttl:
+            stamp = answer.stamp = _stamp(answer, age, ttl)  # a racing thread sees the old stamp or this one
         environ[ENVIRON_KEY] = stamp.status
         self._record_use(entry)
-        start_response(answer.status, [*answer.head, *stamp.fields])
+        start_response(answer.status, list(stamp.headers))
         return [answer.body]
 
     def learn(self, environ: WSGIEnviron, entry: Entry) -> None:
