@@ -19,7 +19,7 @@ from .policy.conditionals import Outcome, evaluate
 from .store import CAFS, Blob, BlobNotFound
 from .wsgi import StartResponse, WSGIEnviron, normalize_headers, plain_response  # noqa: F401  (re-exported)
 
-__all__ = ["ServeOptions", "serve_from_store", "serve_blob_file", "whole_fields", "etag_for", "normalize_headers",
+__all__ = ["ServeOptions", "serve_from_store", "serve_blob_file", "whole_fields", "file_body", "etag_for", "normalize_headers",
            "plain_response"]
 
 log = logging.getLogger("cachefetch.serve")  # the seed's logger name, kept for log configs
@@ -220,6 +220,13 @@ def serve_blob_file(environ: WSGIEnviron, start_response: StartResponse, file: B
             return [os.pread(file.fileno(), length, start)]
     if start:
         file.seek(start)
+    return file_body(environ, file, length)
+
+
+def file_body(environ: WSGIEnviron, file: BinaryIO, length: int) -> Iterable[bytes]:
+    """``length`` bytes of ``file`` from its current position as a WSGI body:
+    the server's ``wsgi.file_wrapper`` (gunicorn ``sendfile``s it) when it
+    offers one, else chunks read in turn. Takes ownership of ``file``."""
     body = _FileRange(file, length)
     wrapper = environ.get("wsgi.file_wrapper")
     if wrapper is not None:

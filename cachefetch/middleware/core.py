@@ -109,12 +109,13 @@ class CacheFetch:
     :param idle_timeout: seconds a fetch may go without a byte from the app.
     :param max_detached: fetches no client reads any more that one process
         keeps going for the cache; past it, such a fetch is abandoned.
-    :param memory_cache_bytes: bytes of small fresh responses each process
-        keeps built in memory (body and fields), answered without opening the
-        store or planning when a request needs no judgement (a plain ``GET``);
-        checked against the index on every use, so never older than it. ``0``
-        disables it. Each worker process holds its own.
-    :param memory_object_size: the largest body kept there.
+    :param memory_cache_bytes: bytes of fresh hits each process keeps built in
+        memory (fields, and the body of small ones), answered without planning
+        when a request needs no judgement (a plain ``GET``); checked against
+        the index on every use, so never older than it. ``0`` disables it.
+        Each worker process holds its own.
+    :param memory_object_size: the largest body kept there; larger hits keep
+        only their fields and are sent from the store.
     :param fsync: passed to the CAFS when ``store`` is a path.
     :param clock: the wall clock (epoch seconds) freshness is judged by.
     :raises ValueError, TypeError: on an invalid option, at construction.

@@ -5,8 +5,10 @@ conditionals, no ``Range``, no ``Authorization``, no ``Cache-Control`` or
 ``Pragma``, no body, and no ``Cookie`` unless cookies are ignored) is, for a
 stored response that is fresh and not ``no-cache``, always a plain hit: the
 stored status and fields, a recomputed ``Age``, ``Cache-Status: hit`` with
-its ``ttl``, the whole body. :class:`HotTable` keeps such answers built, with
-their body bytes, for entries up to a size, within a byte budget.
+its ``ttl``, the whole body. :class:`HotTable` keeps such answers built,
+within a byte budget: with their body bytes for small entries (no file is
+opened), with only their fields for large ones (the blob is sent with
+``sendfile`` through ``wsgi.file_wrapper``, as the full path does).
 
 It is exact: every use reads the index (``Index.get``, which reflects every
 change any process has made) and serves a remembered answer only if the
@@ -24,7 +26,7 @@ from typing import Callable, Iterable
 
 from ..index import Entry, Index, IndexUnavailable
 from ..policy import ENVIRON_KEY, CacheRules, CacheStatus, response_directives, variant_of
-from ..replay import etag_for, whole_fields
+from ..replay import etag_for, file_body, whole_fields
 from ..store import CAFS, BlobNotFound
 from ..wsgi import StartResponse, WSGIEnviron
 from . import hit
@@ -66,12 +68,12 @@ class _Stamp:
 class HotAnswer:
     """A plain hit on ``entry``, built: its status line, its fields up to
     ``Age`` (as :func:`cachefetch.replay.serve_blob_file` sends them for a
-    whole body), and its body."""
+    whole body), and its body (``None`` for a large one, sent from its blob)."""
 
     entry: Entry
     status: str
     head: tuple[tuple[str, str], ...]
-    body: bytes
+    body: bytes | None
     weight: int
     stamp: _Stamp | None = field(default=None)
 
@@ -92,7 +94,8 @@ class HotTable:
     the budget is full. Thread-safe.
 
     :param max_bytes: the budget; ``0`` disables the table.
-    :param max_object_size: bodies larger than this are never kept.
+    :param max_object_size: bodies up to this many bytes are kept; a larger
+        entry keeps only its fields, and its body is sent from its blob.
     :raises ValueError: on a negative bound.
     """
 
@@ -138,12 +141,13 @@ class HotTable:
             if entry.variant == (variant_of(environ, entry.vary) if entry.vary else ""):
                 break
         else:
+            self._prune(key, entries)
             return None
         answer = variants.get(entry.variant)
         if answer is None:
             return None
         if answer.entry is not entry and answer.entry != entry:  # replaced or refreshed since
-            self._forget(key, entry.variant, answer)
+            self._prune(key, entries)
             return None
         now = self._clock()
         expires = entry.expires_at
@@ -156,15 +160,36 @@ class HotTable:
             stamp = answer.stamp = _stamp(answer, age, ttl)  # a racing thread sees the old stamp or this one
         environ[ENVIRON_KEY] = stamp.status
         self._record_use(entry)
-        start_response(answer.status, list(stamp.headers))
-        return [answer.body]
+        if answer.body is not None:
+            start_response(answer.status, list(stamp.headers))
+            return [answer.body]
+        return self._send_blob(environ, start_response, answer, stamp)
+
+    def _send_blob(self, environ: WSGIEnviron, start_response: StartResponse, answer: HotAnswer,
+                   stamp: _Stamp) -> Iterable[bytes] | None:
+        """A large answer's body from its blob (through ``wsgi.file_wrapper``,
+        so gunicorn ``sendfile``s it); ``None`` if the blob is missing or not
+        the entry's size (the full path deals with that)."""
+        entry = answer.entry
+        try:
+            file = self._store.open(entry.hash, buffered=False)
+        except BlobNotFound:
+            return None
+        try:
+            if os.fstat(file.fileno()).st_size != entry.size:
+                file.close()
+                return None
+            start_response(answer.status, list(stamp.headers))
+        except BaseException:
+            file.close()
+            raise
+        return file_body(environ, file, entry.size)
 
     def learn(self, environ: WSGIEnviron, entry: Entry) -> None:
         """Remember ``entry`` (just served by the full path) if it fits:
         small, fresh now, not ``no-cache``, and the request a plain hit.
         Reads its blob; a missing blob is left to the full path."""
-        if (self.max_bytes == 0 or entry.size > self.max_object_size
-                or not plain_hit_request(environ, self._planned) or not entry.is_fresh(self._clock())):
+        if self.max_bytes == 0 or not plain_hit_request(environ, self._planned) or not entry.is_fresh(self._clock()):
             return
         cc, _ = response_directives(entry.headers, self._rules.targeted_fields)
         if cc.no_cache:
@@ -173,12 +198,14 @@ class HotTable:
         known = variants.get(entry.variant) if variants else None
         if known is not None and known.entry == entry:
             return
-        body = self._read(entry)
-        if body is None:
-            return
+        body = None
+        if entry.size <= self.max_object_size:
+            body = self._read(entry)
+            if body is None:
+                return
         opts = hit.options_for(entry)
-        head = whole_fields(opts, opts.etag or etag_for(entry), len(body))
-        weight = len(body) + _OVERHEAD + sum(len(k) + len(v) for k, v in head) + len(entry.key)
+        head = whole_fields(opts, opts.etag or etag_for(entry), entry.size)
+        weight = len(body or b"") + _OVERHEAD + sum(len(k) + len(v) for k, v in head) + len(entry.key)
         if weight > self.max_bytes:
             return
         self._put(HotAnswer(entry, opts.status, tuple(head), body, weight))
@@ -208,17 +235,18 @@ class HotTable:
                 for gone in self._table.pop(oldest).values():
                     self._bytes -= gone.weight
 
-    def _forget(self, key: str, variant: str, answer: HotAnswer) -> None:
+    def _prune(self, key: str, entries: list[Entry]) -> None:
+        """Drop ``key``'s answers whose entries the index no longer holds as they were."""
         with self._lock:
             variants = self._table.get(key)
-            if variants is None or variants.get(variant) is not answer:
-                return  # already replaced
-            rest = {v: a for v, a in variants.items() if v != variant}
-            if rest:
-                self._table[key] = rest
+            if variants is None:
+                return
+            kept = {v: a for v, a in variants.items() if a.entry in entries}
+            if kept:
+                self._table[key] = kept
             else:
                 del self._table[key]
-            self._bytes -= answer.weight
+            self._bytes -= sum(a.weight for v, a in variants.items() if v not in kept)
 
     def clear(self) -> None:
         """Forget every answer."""
