@@ -107,9 +107,13 @@ class UseRecorder:
         self._flushed = time.monotonic()                 # guarded by _lock
 
     def __call__(self, entry: Entry) -> None:
+        self.note((entry.key, entry.variant), self._clock())
+
+    def note(self, ident: tuple[str, str], when: float) -> None:
+        """Record a use of the entry ``(key, variant)`` at ``when`` (epoch seconds, this recorder's clock)."""
         now = time.monotonic()
         with self._lock:
-            self._uses[(entry.key, entry.variant)] = self._clock()
+            self._uses[ident] = when
             due = now - self._flushed > _USE_FLUSH_SECONDS
             if due:
                 self._flushed = now

@@ -75,6 +75,7 @@ class HotAnswer:
     head: tuple[tuple[str, str], ...]
     body: bytes | None
     weight: int
+    ident: tuple[str, str]  # (key, variant), as uses are recorded
     stamp: _Stamp | None = field(default=None)
 
 
@@ -100,14 +101,14 @@ class HotTable:
     """
 
     def __init__(self, index: Index, store: CAFS, rules: CacheRules, clock: Callable[[], float],
-                 record_use: Callable[[Entry], None], max_bytes: int, max_object_size: int) -> None:
+                 uses: hit.UseRecorder, max_bytes: int, max_object_size: int) -> None:
         if max_bytes < 0 or max_object_size < 0:
             raise ValueError("HotTable bounds must be bytes >= 0")
         self._index = index
         self._store = store
         self._rules = rules
         self._clock = clock
-        self._record_use = record_use
+        self._uses = uses
         self.max_bytes = max_bytes
         self.max_object_size = max_object_size
         self._planned = _PLANNED if rules.cookies == "ignore" else _PLANNED_WITH_COOKIE
@@ -159,7 +160,7 @@ class HotTable:
         if stamp is None or stamp.age != age or stamp.ttl != ttl:
             stamp = answer.stamp = _stamp(answer, age, ttl)  # a racing thread sees the old stamp or this one
         environ[ENVIRON_KEY] = stamp.status
-        self._record_use(entry)
+        self._uses.note(answer.ident, now)
         if answer.body is not None:
             start_response(answer.status, list(stamp.headers))
             return [answer.body]
@@ -208,7 +209,7 @@ class HotTable:
         weight = len(body or b"") + _OVERHEAD + sum(len(k) + len(v) for k, v in head) + len(entry.key)
         if weight > self.max_bytes:
             return
-        self._put(HotAnswer(entry, opts.status, tuple(head), body, weight))
+        self._put(HotAnswer(entry, opts.status, tuple(head), body, weight, (entry.key, entry.variant)))
 
     def _read(self, entry: Entry) -> bytes | None:
         """The blob's bytes, if it is there and has the entry's size."""
