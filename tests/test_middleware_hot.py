@@ -246,3 +246,18 @@ def test_a_missing_blob_behind_a_large_hot_answer_goes_to_the_full_path(make):
     r = get(c)
     assert r.status_code == 200 and r.data.startswith(b"call=2 ")  # dropped and fetched again
     assert app.calls == 2
+
+
+def test_hot_hits_are_recorded_as_uses_for_eviction(make, now):
+    app = App(headers=[("Cache-Control", "max-age=600")], size=100)
+    mw = make(app)
+    c = client(mw)
+    warm(mw, c)
+    mw.uses.flush()
+    seen = spy(mw)
+    now[0] += 100
+    get(c)
+    mw.uses.flush()
+    assert seen["hot"] == 1
+    [(last_used, freq)] = mw.index._connect().execute("SELECT last_used, freq FROM entries").fetchall()
+    assert last_used == now[0] and freq == 2  # the full path's hit, then this one

@@ -159,8 +159,10 @@ class HotTable:
         stamp = answer.stamp
         if stamp is None or stamp.age != age or stamp.ttl != ttl:
             stamp = answer.stamp = _stamp(answer, age, ttl)  # a racing thread sees the old stamp or this one
+            # A use is recorded once per stamp, so once a second at most: the
+            # recorder keeps one time per entry for a batch of several seconds anyway.
+            self._uses.note(answer.ident, now)
         environ[ENVIRON_KEY] = stamp.status
-        self._uses.note(answer.ident, now)
         if answer.body is not None:
             start_response(answer.status, list(stamp.headers))
             return [answer.body]
