@@ -344,7 +344,8 @@ class Bench:
             spread = f" [{min(rates):,.0f}–{max(rates):,.0f}]" if len(rates) > 1 else ""
             return f"{label} {fmt_rate(rps[name])}{spread}, {cpu[name] * 1e6:.0f} µs CPU/req"
 
-        how = f"median [min–max] of {rounds} interleaved {seconds:g} s runs, order alternated" if rounds > 1 else f"one {seconds:g} s run"
+        how = (f"median [min–max] of {rounds} interleaved {seconds:g} s runs, order alternated" if rounds > 1
+               else f"one {seconds:g} s run")
         ratio = rps["cachefetch"] / rps["none"]
         rows = [Row("1a. hit, 4 KiB: req/s, CacheFetch ÷ unwrapped Flask (body from memory)",
                     f"{measured('cachefetch', 'CacheFetch')}; {measured('none', 'unwrapped')}; {how}; "
