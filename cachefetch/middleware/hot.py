@@ -1,4 +1,4 @@
-"""The hot path: small fresh entries answered from this process's memory.
+"""The hot path: fresh hits answered from what this process keeps in memory.
 
 A request that needs none of the planner's judgement (a ``GET`` with no
 conditionals, no ``Range``, no ``Authorization``, no ``Cache-Control`` or
@@ -86,8 +86,8 @@ def _stamp(answer: HotAnswer, age: int, ttl: int | None) -> _Stamp:
 
 
 class HotTable:
-    """Built answers for small fresh entries, per process, at most ``max_bytes``
-    of them (bodies, fields and an estimate of each record's own cost).
+    """Built answers for fresh entries, per process, at most ``max_bytes`` of
+    them (bodies, fields and an estimate of each record's own cost).
 
     :meth:`serve` answers a plain-hit request from memory or returns
     ``None`` (then the caller takes the full path); :meth:`learn` remembers
@@ -189,9 +189,9 @@ class HotTable:
         return file_body(environ, file, entry.size)
 
     def learn(self, environ: WSGIEnviron, entry: Entry) -> None:
-        """Remember ``entry`` (just served by the full path) if it fits:
-        small, fresh now, not ``no-cache``, and the request a plain hit.
-        Reads its blob; a missing blob is left to the full path."""
+        """Remember ``entry`` (just served by the full path) if it is fresh
+        now and not ``no-cache``, the request was a plain hit, and it fits the
+        budget. Reads a small entry's blob; a missing one is left to the full path."""
         if self.max_bytes == 0 or not plain_hit_request(environ, self._planned) or not entry.is_fresh(self._clock()):
             return
         cc, _ = response_directives(entry.headers, self._rules.targeted_fields)
