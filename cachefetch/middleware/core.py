@@ -3,7 +3,10 @@
 For each GET or HEAD with a cache key, :func:`cachefetch.policy.plan_request`
 decides, and this module carries the plan out through the path that owns it:
 
-- a *hit* is served from the store (:mod:`.hit`);
+- a *hit* is served from the store (:mod:`.hit`); a plain ``GET`` for a fresh
+  entry this process has served before is answered before any planning, from
+  what it keeps of that answer in memory, once the index says the entry is
+  still the same (:mod:`.hot`);
 - a stale entry within ``stale-while-revalidate`` is served at once and
   refreshed by one background request (:mod:`.revalidation`);
 - otherwise one request, the *leader*, asks the app — conditionally when the
