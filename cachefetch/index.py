@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import mmap
 import os
 import secrets
 import sqlite3
@@ -340,6 +341,19 @@ def _is_damage(exc: BaseException) -> bool:
                                                        or "file is encrypted" in text)
 
 
+class _PreadView:
+    """The generation file read with ``pread`` where it cannot be mapped."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __getitem__(self, part: slice) -> bytes:
+        return os.pread(self._fd, part.stop, 0)
+
+    def close(self) -> None:
+        pass  # the file descriptor is the index's
+
+
 def _entry(row: tuple) -> Entry:
     key, variant, hexhash, size, status, headers, stored_at, expires_at, vary, initial_age = row
     return Entry(key, variant, Hash.from_hex(hexhash), size, status,
@@ -494,8 +508,9 @@ class SQLiteIndex:
     ``get`` answers hot keys from a per-process memo, which is dropped
     whenever any process changes the index: every ``put`` and ``delete``
     writes a new token to the *generation file* beside the database
-    (``<path>.gen``), and ``get`` compares it (one ``pread``) before using
-    the memo. An invalidation is so seen by every worker's next request.
+    (``<path>.gen``), and ``get`` compares it (read through a mapping: no
+    system call) before using the memo. An invalidation is so seen by every
+    worker's next request.
 
     :param path: the database file; its directory must exist (later, it is
         recreated if it vanishes).
@@ -577,9 +592,11 @@ class SQLiteIndex:
                 db.close()
             except sqlite3.Error:
                 pass
+        if getattr(local, "view_pid", None) == os.getpid():
+            local.view.close()
         if getattr(local, "gen_pid", None) == os.getpid():
             os.close(local.gen_fd)
-        local.gen_pid = None
+        local.gen_pid = local.view_pid = None
         self._memo = {}
 
     def _rebuild(self, exc: BaseException) -> None:
@@ -604,10 +621,28 @@ class SQLiteIndex:
             local.gen_pid = os.getpid()
         return local.gen_fd
 
+    def _generation_view(self) -> "mmap.mmap | _PreadView":
+        """This thread's read-only mapping of the generation file. Reading it
+        is no system call, so a hit keeps the GIL (a ``pread`` gave it up, and
+        under gunicorn's threads that cost context switches on every request).
+        The file is only ever overwritten in place, never shortened, so a read
+        of the mapping cannot fault past its end (SIGBUS)."""
+        local = self._local
+        if getattr(local, "view_pid", None) != os.getpid():
+            fd = self._generation_fd()
+            if os.fstat(fd).st_size < _GENERATION_SIZE:  # a new file: its first token
+                os.pwrite(fd, secrets.token_bytes(_GENERATION_SIZE), 0)
+            try:
+                local.view = mmap.mmap(fd, _GENERATION_SIZE, prot=mmap.PROT_READ)
+            except (OSError, ValueError):  # a file system that cannot map files: read it
+                local.view = _PreadView(fd)
+            local.view_pid = os.getpid()
+        return local.view
+
     @_healing
     def generation(self) -> bytes:
         """A token that changes whenever any process changes the index."""
-        return os.pread(self._generation_fd(), _GENERATION_SIZE, 0)
+        return self._generation_view()[:_GENERATION_SIZE]
 
     def _changed(self) -> None:
         """Tell every process that the index changed (after the change committed)."""
@@ -616,8 +651,13 @@ class SQLiteIndex:
 
     @_healing
     def get(self, key: str) -> list[Entry]:
-        """Every stored variant for ``key``, as of every change already made."""
-        generation = self.generation()
+        """Every stored variant for ``key``, as of every change already made.
+
+        While the index is unchanged the same list (the memo's) is returned
+        again: callers must not change it.
+        """
+        # generation() without its own _healing wrapper: every hit comes through here
+        generation = self._generation_view()[:_GENERATION_SIZE]
         if generation != self._memo_generation:
             self._memo, self._memo_generation = {}, generation
         memo = self._memo
@@ -874,6 +914,8 @@ class SQLiteIndex:
         db = getattr(local, "db", None)
         if db is not None and local.pid == os.getpid():
             db.close()
+        if getattr(local, "view_pid", None) == os.getpid():
+            local.view.close()
         if getattr(local, "gen_pid", None) == os.getpid():
             os.close(local.gen_fd)
         self._local = threading.local()

@@ -19,7 +19,8 @@ from .policy.conditionals import Outcome, evaluate
 from .store import CAFS, Blob, BlobNotFound
 from .wsgi import StartResponse, WSGIEnviron, normalize_headers, plain_response  # noqa: F401  (re-exported)
 
-__all__ = ["ServeOptions", "serve_from_store", "serve_blob_file", "etag_for", "normalize_headers", "plain_response"]
+__all__ = ["ServeOptions", "serve_from_store", "serve_blob_file", "whole_fields", "file_body", "etag_for", "normalize_headers",
+           "plain_response"]
 
 log = logging.getLogger("cachefetch.serve")  # the seed's logger name, kept for log configs
 
@@ -77,6 +78,18 @@ _DEFAULT_OPTIONS = ServeOptions()
 def etag_for(blob: Blob) -> str:
     """The strong ETag (quoted) of a blob: its hex hash."""
     return f'"{blob.hash.hex}"'
+
+
+def _validators(opts: ServeOptions, etag: str) -> list[tuple[str, str]]:
+    """ETag always; Accept-Ranges only where a Range is honoured (a replayed 200)."""
+    return [("ETag", etag), ("Accept-Ranges", "bytes")] if opts.status.startswith("200") else [("ETag", etag)]
+
+
+def whole_fields(opts: ServeOptions, etag: str, size: int) -> list[tuple[str, str]]:
+    """The fields :func:`serve_blob_file` answers a whole body of ``size``
+    bytes with (status ``opts.status``), before the per-answer ``added`` ones."""
+    return [("Content-Type", opts.content_type), ("Content-Length", str(size)), *_validators(opts, etag),
+            *opts._extra]
 
 
 class _FileRange:
@@ -165,12 +178,12 @@ def serve_blob_file(environ: WSGIEnviron, start_response: StartResponse, file: B
     opts = opts or _DEFAULT_OPTIONS
     etag = opts.etag or etag_for(result)
     try:
-        extra = list(opts._extra) + [(k, v) for k, v in normalize_headers(added) if k.lower() not in _CONTENT_HEADERS]
+        own = [(k, v) for k, v in normalize_headers(added) if k.lower() not in _CONTENT_HEADERS]
     except BaseException:
         file.close()
         raise
-    replayed = opts.status.startswith("200")
-    validators = [("ETag", etag), ("Accept-Ranges", "bytes")] if replayed else [("ETag", etag)]
+    validators = _validators(opts, etag)
+    extra = list(opts._extra) + own
     size = os.fstat(file.fileno()).st_size
     if size != result.size:
         log.warning("blob %s is %d bytes, its result says %d", result.hash.hex, size, result.size)
@@ -189,15 +202,15 @@ def serve_blob_file(environ: WSGIEnviron, start_response: StartResponse, file: B
         start_response("416 Range Not Satisfiable",
                        [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")] + validators + extra)
         return []
-    headers = [("Content-Type", opts.content_type)]
     if answer.outcome is Outcome.PARTIAL:
         start, length = answer.start, answer.stop - answer.start
-        status = "206 Partial Content"
-        headers.append(("Content-Range", f"bytes {answer.start}-{answer.stop - 1}/{size}"))
+        start_response("206 Partial Content",
+                       [("Content-Type", opts.content_type),
+                        ("Content-Range", f"bytes {answer.start}-{answer.stop - 1}/{size}"),
+                        ("Content-Length", str(length))] + validators + extra)
     else:
-        status, start, length = opts.status, 0, size
-    headers.append(("Content-Length", str(length)))
-    start_response(status, headers + validators + extra)
+        start, length = 0, size
+        start_response(opts.status, whole_fields(opts, etag, size) + own)
 
     if environ.get("REQUEST_METHOD") == "HEAD":
         file.close()
@@ -207,6 +220,13 @@ def serve_blob_file(environ: WSGIEnviron, start_response: StartResponse, file: B
             return [os.pread(file.fileno(), length, start)]
     if start:
         file.seek(start)
+    return file_body(environ, file, length)
+
+
+def file_body(environ: WSGIEnviron, file: BinaryIO, length: int) -> Iterable[bytes]:
+    """``length`` bytes of ``file`` from its current position as a WSGI body:
+    the server's ``wsgi.file_wrapper`` (gunicorn ``sendfile``s it) when it
+    offers one, else chunks read in turn. Takes ownership of ``file``."""
     body = _FileRange(file, length)
     wrapper = environ.get("wsgi.file_wrapper")
     if wrapper is not None:

@@ -3,7 +3,10 @@
 For each GET or HEAD with a cache key, :func:`cachefetch.policy.plan_request`
 decides, and this module carries the plan out through the path that owns it:
 
-- a *hit* is served from the store (:mod:`.hit`);
+- a *hit* is served from the store (:mod:`.hit`); a plain ``GET`` for a fresh
+  entry this process has served before is answered before any planning, from
+  what it keeps of that answer in memory, once the index says the entry is
+  still the same (:mod:`.hot`);
 - a stale entry within ``stale-while-revalidate`` is served at once and
   refreshed by one background request (:mod:`.revalidation`);
 - otherwise one request, the *leader*, asks the app — conditionally when the
@@ -31,6 +34,7 @@ from ..store import CAFS
 from ..stream import Committer
 from ..wsgi import StartResponse, WSGIEnviron, plain_response
 from . import hit
+from .hot import HotTable
 from .context import Context, FetchBounds, Retry, WSGIApp, call_app, passthrough, respond, without_conditionals
 from .follower import follow_flight
 from .invalidation import call_unsafe
@@ -108,6 +112,13 @@ class CacheFetch:
     :param idle_timeout: seconds a fetch may go without a byte from the app.
     :param max_detached: fetches no client reads any more that one process
         keeps going for the cache; past it, such a fetch is abandoned.
+    :param memory_cache_bytes: bytes of fresh hits each process keeps built in
+        memory (fields, and the body of small ones), answered without planning
+        when a request needs no judgement (a plain ``GET``); checked against
+        the index on every use, so never older than it. ``0`` disables it.
+        Each worker process holds its own.
+    :param memory_object_size: the largest body kept there; larger hits keep
+        only their fields and are sent from the store.
     :param fsync: passed to the CAFS when ``store`` is a path.
     :param clock: the wall clock (epoch seconds) freshness is judged by.
     :raises ValueError, TypeError: on an invalid option, at construction.
@@ -131,6 +142,8 @@ class CacheFetch:
                  fetch_timeout: float | None = 3600.0,
                  idle_timeout: float | None = 60.0,
                  max_detached: int = 64,
+                 memory_cache_bytes: int = 16 << 20,
+                 memory_object_size: int = 64 << 10,
                  fsync: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
         if not callable(app):
@@ -160,6 +173,8 @@ class CacheFetch:
                 raise ValueError(f"{name} must be seconds > 0 or None, got {bound!r}")
         if isinstance(max_detached, bool) or not isinstance(max_detached, int) or max_detached < 0:
             raise ValueError(f"max_detached must be an int >= 0, got {max_detached!r}")
+        _check_amount("memory_cache_bytes", memory_cache_bytes, integer=True)
+        _check_amount("memory_object_size", memory_object_size, integer=True)
         if cookies not in ("respect", "ignore"):
             raise ValueError(f'cookies must be "respect" or "ignore", got {cookies!r}')
         if index is not None and not all(callable(getattr(index, m, None))
@@ -193,6 +208,8 @@ class CacheFetch:
         self._ctx = Context(app, self.store, self.index, self.flights, self.committer, self.rules, self.key,
                             clock, self.wait_timeout, on_wait_timeout, max_object_size, self.uses,
                             FetchBounds(fetch_timeout, idle_timeout, max_detached))
+        self.hot = HotTable(self.index, self.store, self.rules, clock, self.uses, memory_cache_bytes,
+                            memory_object_size)
         _instances.add(self)
 
     def close(self) -> None:
@@ -214,6 +231,9 @@ class CacheFetch:
             return self.app(environ, start_response)
         if not isinstance(key, str):
             raise TypeError(f"the key function returned {type(key).__name__}, not str or None")
+        served = self.hot.serve(environ, start_response, key)
+        if served is not None:
+            return served
         request = policy.read_request(environ)
         deadline = time.monotonic() + self.wait_timeout
         flight, refreshed = None, False
@@ -243,6 +263,7 @@ class CacheFetch:
                                              environ, plan.entry, entries, CacheStatus(fwd="stale"))
                 served = hit.serve_entry(self._ctx, environ, start_response, plan.entry, plan.status)
                 if served is not None:
+                    self.hot.learn(environ, plan.entry)
                     return served
                 continue  # its blob was gone (the entry is dropped): plan again
             flight = flight or _flight_of(key, environ, entries)

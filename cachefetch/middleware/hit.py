@@ -16,7 +16,7 @@ from ..store import Blob, BlobNotFound
 from ..wsgi import StartResponse, WSGIEnviron, status_line
 from .context import Context, respond
 
-__all__ = ["serve_entry", "serve_open", "replay_options", "UseRecorder", "matching"]
+__all__ = ["serve_entry", "serve_open", "replay_options", "options_for", "UseRecorder", "matching"]
 
 log = logging.getLogger("cachefetch.middleware")
 
@@ -69,16 +69,24 @@ def _stored_options(headers: tuple[tuple[str, str], ...], code: int) -> ServeOpt
     return replay_options(headers, status_line(code))
 
 
+def options_for(entry: Entry) -> ServeOptions:
+    """How to replay ``entry``: :func:`replay_options` of its stored fields and status.
+
+    :raises TypeError, ValueError: for stored fields that are not sendable.
+    """
+    try:
+        return _stored_options(tuple(entry.headers), entry.status)
+    except TypeError:  # fields as lists (unhashable): nothing to remember them by
+        return replay_options(entry.headers, status_line(entry.status))
+
+
 def serve_open(ctx: Context, environ: WSGIEnviron, start_response: StartResponse, entry: Entry, file: Any,
                status: CacheStatus) -> Iterable[bytes]:
     """Answer with ``entry``, whose blob is open as ``file`` (now ours to
     close): its stored fields (the origin's ``Date`` among them), a
     recomputed ``Age``, and the client's conditionals and Range applied."""
     try:
-        try:
-            opts = _stored_options(tuple(entry.headers), entry.status)
-        except TypeError:  # fields as lists (unhashable): nothing to remember them by
-            opts = replay_options(entry.headers, status_line(entry.status))
+        opts = options_for(entry)
     except BaseException:
         file.close()
         raise
@@ -99,9 +107,13 @@ class UseRecorder:
         self._flushed = time.monotonic()                 # guarded by _lock
 
     def __call__(self, entry: Entry) -> None:
+        self.note((entry.key, entry.variant), self._clock())
+
+    def note(self, ident: tuple[str, str], when: float) -> None:
+        """Record a use of the entry ``(key, variant)`` at ``when`` (epoch seconds, this recorder's clock)."""
         now = time.monotonic()
         with self._lock:
-            self._uses[(entry.key, entry.variant)] = self._clock()
+            self._uses[ident] = when
             due = now - self._flushed > _USE_FLUSH_SECONDS
             if due:
                 self._flushed = now

@@ -37,7 +37,10 @@ def request_url(environ: WSGIEnviron) -> str:
     The path is percent-encoded again from the decoded ``PATH_INFO``, so
     ``/a%20b`` and ``/a b`` are one URL; the query is kept as sent.
     """
-    host = _host_of(environ)
+    return _url(environ, _host_of(environ))
+
+
+def _url(environ: WSGIEnviron, host: str) -> str:
     query = environ.get("QUERY_STRING", "")
     return (f"{environ.get('wsgi.url_scheme', 'http')}://{host.lower()}"
             f"{_quoted(environ.get('SCRIPT_NAME', '') + environ.get('PATH_INFO', ''))}"
@@ -54,9 +57,10 @@ def default_key(environ: WSGIEnviron) -> str | None:
     """The default cache key: :func:`request_url`, or ``None`` (not cached)
     when the ``Host`` is not a plain host and port: a ``Host`` carrying a path
     would otherwise store its answer under another URL's key."""
-    if not valid_host(_host_of(environ)):
+    host = _host_of(environ)
+    if not valid_host(host):
         return None
-    return request_url(environ)
+    return _url(environ, host)
 
 
 class HostKey:

@@ -1,0 +1,258 @@
+"""The hot path: fresh hits answered from what this process keeps in memory.
+
+A request that needs none of the planner's judgement (a ``GET`` with no
+conditionals, no ``Range``, no ``Authorization``, no ``Cache-Control`` or
+``Pragma``, no body, and no ``Cookie`` unless cookies are ignored) is, for a
+stored response that is fresh and not ``no-cache``, always a plain hit: the
+stored status and fields, a recomputed ``Age``, ``Cache-Status: hit`` with
+its ``ttl``, the whole body. :class:`HotTable` keeps such answers built,
+within a byte budget: with their body bytes for small entries (no file is
+opened), with only their fields for large ones (the blob is sent with
+``sendfile`` through ``wsgi.file_wrapper``, as the full path does).
+
+It is exact: every use reads the index (``Index.get``, which reflects every
+change any process has made) and serves a remembered answer only if the
+stored entry it was built from is still the one the index holds, equal in
+every field. An entry replaced, refreshed or invalidated by any worker is
+so never answered from an older copy; what is not a plain hit falls through
+to the full path (:mod:`.core`), unchanged.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from ..index import Entry, Index, IndexUnavailable
+from ..policy import ENVIRON_KEY, CacheRules, CacheStatus, response_directives, variant_of
+from ..replay import etag_for, file_body, whole_fields
+from ..store import CAFS, BlobNotFound
+from ..wsgi import StartResponse, WSGIEnviron
+from . import hit
+
+__all__ = ["HotTable", "HotAnswer", "plain_hit_request"]
+
+# Request fields that may change the answer to a GET for a fresh entry: any
+# one of them sends the request down the full path.
+_PLANNED = frozenset({"HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_AUTHORIZATION", "HTTP_TRANSFER_ENCODING",
+                      "HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE",
+                      "HTTP_IF_UNMODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE"})
+_PLANNED_WITH_COOKIE = _PLANNED | {"HTTP_COOKIE"}
+_NO_BODY = (None, "", "0")  # CONTENT_LENGTH values of a request without a body
+_FOREVER = float("inf")
+# What an answer costs besides its body and fields (the record, its tuples, the dict slots).
+_OVERHEAD = 512
+
+
+def plain_hit_request(environ: WSGIEnviron, planned: frozenset[str] = _PLANNED_WITH_COOKIE) -> bool:
+    """Whether a request is one any fresh, shareable, not ``no-cache`` entry
+    answers as a plain hit: a ``GET`` without any field in ``planned`` and
+    without a body (as :func:`cachefetch.policy.read_request` judges one)."""
+    if environ.get("REQUEST_METHOD") != "GET" or not environ.keys().isdisjoint(planned):
+        return False
+    return environ.get("CONTENT_LENGTH") in _NO_BODY
+
+
+@dataclass(frozen=True, slots=True)
+class _Stamp:
+    """An answer's fields for one ``Age`` and ``ttl`` (both change once a second), built once each."""
+
+    age: int
+    ttl: int | None
+    headers: tuple[tuple[str, str], ...]
+    status: CacheStatus
+
+
+@dataclass(slots=True, eq=False)
+class HotAnswer:
+    """A plain hit on ``entry``, built: its status line, its fields up to
+    ``Age`` (as :func:`cachefetch.replay.serve_blob_file` sends them for a
+    whole body), and its body (``None`` for a large one, sent from its blob)."""
+
+    entry: Entry
+    status: str
+    head: tuple[tuple[str, str], ...]
+    body: bytes | None
+    weight: int
+    ident: tuple[str, str]  # (key, variant), as uses are recorded
+    stamp: _Stamp | None = field(default=None)
+
+
+def _stamp(answer: HotAnswer, age: int, ttl: int | None) -> _Stamp:
+    """``answer``'s fields with ``Age: age`` and ``Cache-Status: hit; ttl=ttl``."""
+    status = CacheStatus(hit=True, ttl=ttl)
+    return _Stamp(age, ttl, (*answer.head, ("Age", str(age)), CacheStatus.header(status)), status)
+
+
+class HotTable:
+    """Built answers for fresh entries, per process, at most ``max_bytes`` of
+    them (bodies, fields and an estimate of each record's own cost).
+
+    :meth:`serve` answers a plain-hit request from memory or returns
+    ``None`` (then the caller takes the full path); :meth:`learn` remembers
+    an entry the full path has just served. Oldest learnt goes first when
+    the budget is full. Thread-safe.
+
+    :param max_bytes: the budget; ``0`` disables the table.
+    :param max_object_size: bodies up to this many bytes are kept; a larger
+        entry keeps only its fields, and its body is sent from its blob.
+    :raises ValueError: on a negative bound.
+    """
+
+    def __init__(self, index: Index, store: CAFS, rules: CacheRules, clock: Callable[[], float],
+                 uses: hit.UseRecorder, max_bytes: int, max_object_size: int) -> None:
+        if max_bytes < 0 or max_object_size < 0:
+            raise ValueError("HotTable bounds must be bytes >= 0")
+        self._index = index
+        self._store = store
+        self._rules = rules
+        self._clock = clock
+        self._uses = uses
+        self.max_bytes = max_bytes
+        self.max_object_size = max_object_size
+        self._planned = _PLANNED if rules.cookies == "ignore" else _PLANNED_WITH_COOKIE
+        self._lock = threading.Lock()
+        # key -> variant -> answer. Read without the lock (single dict lookups);
+        # changed only under it.
+        self._table: dict[str, dict[str, HotAnswer]] = {}
+        self._bytes = 0  # guarded by _lock
+
+    @property
+    def size(self) -> int:
+        """Bytes the table holds now, as it counts them."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in list(self._table.values()))
+
+    def serve(self, environ: WSGIEnviron, start_response: StartResponse, key: str) -> Iterable[bytes] | None:
+        """Answer from memory if this is a plain-hit request for a remembered
+        entry that is still the index's, fresh; else ``None``, having sent nothing."""
+        # Every hit runs this: it is written flat, with no call it can do without.
+        variants = self._table.get(key)
+        if (variants is None or environ.get("REQUEST_METHOD") != "GET" or not environ.keys().isdisjoint(self._planned)
+                or environ.get("CONTENT_LENGTH") not in _NO_BODY):
+            return None
+        try:
+            entries = self._index.get(key)
+        except IndexUnavailable:
+            return None  # the full path answers uncached
+        for entry in entries:  # hit.matching, without the call for a response that does not vary
+            if entry.variant == (variant_of(environ, entry.vary) if entry.vary else ""):
+                break
+        else:
+            self._prune(key, entries)
+            return None
+        answer = variants.get(entry.variant)
+        if answer is None:
+            return None
+        if answer.entry is not entry and answer.entry != entry:  # replaced or refreshed since
+            self._prune(key, entries)
+            return None
+        now = self._clock()
+        expires = entry.expires_at
+        if expires is not None and not expires - now > 0:
+            return None  # stale: the full path decides (revalidate, swr, stale-if-error...)
+        age = entry.age(now)
+        ttl = None if expires is None or expires == _FOREVER else int(expires - now)
+        stamp = answer.stamp
+        if stamp is None or stamp.age != age or stamp.ttl != ttl:
+            stamp = answer.stamp = _stamp(answer, age, ttl)  # a racing thread sees the old stamp or this one
+            # A use is recorded once per stamp, so once a second at most: the
+            # recorder keeps one time per entry for a batch of several seconds anyway.
+            self._uses.note(answer.ident, now)
+        environ[ENVIRON_KEY] = stamp.status
+        if answer.body is not None:
+            start_response(answer.status, list(stamp.headers))
+            return [answer.body]
+        return self._send_blob(environ, start_response, answer, stamp)
+
+    def _send_blob(self, environ: WSGIEnviron, start_response: StartResponse, answer: HotAnswer,
+                   stamp: _Stamp) -> Iterable[bytes] | None:
+        """A large answer's body from its blob (through ``wsgi.file_wrapper``,
+        so gunicorn ``sendfile``s it); ``None`` if the blob is missing or not
+        the entry's size (the full path deals with that)."""
+        entry = answer.entry
+        try:
+            file = self._store.open(entry.hash, buffered=False)
+        except BlobNotFound:
+            return None
+        try:
+            if os.fstat(file.fileno()).st_size != entry.size:
+                file.close()
+                return None
+            start_response(answer.status, list(stamp.headers))
+        except BaseException:
+            file.close()
+            raise
+        return file_body(environ, file, entry.size)
+
+    def learn(self, environ: WSGIEnviron, entry: Entry) -> None:
+        """Remember ``entry`` (just served by the full path) if it is fresh
+        now and not ``no-cache``, the request was a plain hit, and it fits the
+        budget. Reads a small entry's blob; a missing one is left to the full path."""
+        if self.max_bytes == 0 or not plain_hit_request(environ, self._planned) or not entry.is_fresh(self._clock()):
+            return
+        cc, _ = response_directives(entry.headers, self._rules.targeted_fields)
+        if cc.no_cache:
+            return
+        variants = self._table.get(entry.key)
+        known = variants.get(entry.variant) if variants else None
+        if known is not None and known.entry == entry:
+            return
+        body = None
+        if entry.size <= self.max_object_size:
+            body = self._read(entry)
+            if body is None:
+                return
+        opts = hit.options_for(entry)
+        head = whole_fields(opts, opts.etag or etag_for(entry), entry.size)
+        weight = len(body or b"") + _OVERHEAD + sum(len(k) + len(v) for k, v in head) + len(entry.key)
+        if weight > self.max_bytes:
+            return
+        self._put(HotAnswer(entry, opts.status, tuple(head), body, weight, (entry.key, entry.variant)))
+
+    def _read(self, entry: Entry) -> bytes | None:
+        """The blob's bytes, if it is there and has the entry's size."""
+        try:
+            file = self._store.open(entry.hash, buffered=False)
+        except BlobNotFound:
+            return None
+        with file:
+            body = os.pread(file.fileno(), entry.size + 1, 0)
+        return body if len(body) == entry.size else None
+
+    def _put(self, answer: HotAnswer) -> None:
+        entry = answer.entry
+        with self._lock:
+            variants = self._table.pop(entry.key, {})  # re-inserted last: the newest learnt
+            old = variants.get(entry.variant)
+            if old is not None:
+                self._bytes -= old.weight
+            variants = {**variants, entry.variant: answer}
+            self._table[entry.key] = variants
+            self._bytes += answer.weight
+            while self._bytes > self.max_bytes:
+                oldest = next(iter(self._table))
+                for gone in self._table.pop(oldest).values():
+                    self._bytes -= gone.weight
+
+    def _prune(self, key: str, entries: list[Entry]) -> None:
+        """Drop ``key``'s answers whose entries the index no longer holds as they were."""
+        with self._lock:
+            variants = self._table.get(key)
+            if variants is None:
+                return
+            kept = {v: a for v, a in variants.items() if a.entry in entries}
+            if kept:
+                self._table[key] = kept
+            else:
+                del self._table[key]
+            self._bytes -= sum(a.weight for v, a in variants.items() if v not in kept)
+
+    def clear(self) -> None:
+        """Forget every answer."""
+        with self._lock:
+            self._table = {}
+            self._bytes = 0
