@@ -13,6 +13,7 @@ import time
 import pytest
 from werkzeug.test import Client, EnvironBuilder
 
+from cachefetch import policy
 from cachefetch.index import SQLiteIndex
 from cachefetch.inflight import Flights
 from cachefetch.middleware import CacheFetch, default_key
@@ -463,6 +464,33 @@ def test_vary_gives_separate_entries(make):
     assert b"lang=fr" in r.data and cache_status(r) == STORED
     assert app.calls == 3
     assert len(mw.index.get("http://localhost/r")) == 3
+    assert_clean(mw)
+
+
+def test_a_variant_stored_between_plan_and_lead_moves_the_fetch_to_its_own_variants_flight(make, monkeypatch):
+    """Planned before any variant was stored, a request would lead the unvaried
+    flight; if one is stored before it leads, it leads its own variant's, the
+    flight the next request for that variant will look for."""
+    app = App(headers=[("Cache-Control", "max-age=60"), ("Vary", "Accept-Language")])
+    mw = make(app)
+    c = client(mw)
+    led: list[str] = []
+    original = Flights.lead
+
+    def lead(flights, key):
+        led.append(key.rpartition("\n")[2])
+        if len(led) == 1:  # fr has planned with nothing stored: en is stored now
+            stored_then_flush(mw, client(mw), headers={"Accept-Language": "en"})
+        return original(flights, key)
+
+    monkeypatch.setattr(Flights, "lead", lead)
+    fr = get(c, headers={"Accept-Language": "fr"})
+    monkeypatch.setattr(Flights, "lead", original)
+    mw.committer.flush(WAIT)
+    assert b"lang=fr" in fr.data and cache_status(fr) == STORED
+    assert led[0] == "" and led[-1] == policy.variant_of({"HTTP_ACCEPT_LANGUAGE": "fr"}, ("accept-language",))
+    assert app.calls == 2
+    assert cache_status(get(c, headers={"Accept-Language": "fr"})).startswith(HIT)
     assert_clean(mw)
 
 

@@ -293,10 +293,18 @@ class CacheFetch:
             return passthrough(ctx, environ, start_response, plan.status.with_(detail="store-unavailable"))
         if lead is not None:
             try:
-                now_entry = hit.matching(self.index.get(key), environ)
+                now_entries = self.index.get(key)
             except IndexUnavailable:
                 lead.release()
                 return passthrough(ctx, environ, start_response, plan.status.with_(detail="store-unavailable"))
+            right_flight = _flight_of(key, environ, now_entries)
+            if right_flight != flight:
+                # A variant was stored since we looked: the resource varies, and
+                # this request's own variant is fetched under its own flight, so
+                # that the next request for that variant coalesces with it.
+                lead.release()
+                raise Retry(right_flight)
+            now_entry = hit.matching(now_entries, environ)
             if now_entry is not None and now_entry != plan.entry:  # committed or refreshed since we looked
                 replan = policy.plan_request(request, now_entry, ctx.clock(), self.rules)
                 if replan.action is Action.HIT and policy.shareable(now_entry, request, self.rules):
