@@ -23,6 +23,8 @@ class Resource:
     announce: int | None = None     # Content-Length to claim (a lie, if it differs)
     status: int = 200
     gate: threading.Event | None = None  # wait for this before answering
+    pause_after: int | None = None  # send this many body bytes, then wait for ``resume``
+    resume: threading.Event | None = None
 
 
 class Origin:
@@ -117,6 +119,11 @@ class Origin:
                     return
                 body = res.body if res.die_after is None else res.body[:res.die_after]
                 try:
+                    if res.pause_after is not None and res.resume is not None:
+                        self.wfile.write(body[:res.pause_after])
+                        self.wfile.flush()
+                        res.resume.wait(30)  # a fetch held in flight is the behaviour under test
+                        body = body[res.pause_after:]
                     self.wfile.write(body)
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):

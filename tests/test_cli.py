@@ -324,7 +324,10 @@ def test_stats_counts_hits_misses_and_collapsed_of_a_real_serve(tmp_path):
     big = os.urandom(24 << 20)  # far more than the socket buffers hold
     with Origin() as origin:
         origin.files["/pkg/small.bin"] = Resource(small)
-        origin.files["/pkg/big.bin"] = Resource(big)
+        # The fetch runs at the origin's pace, not the leader client's: the origin holds
+        # the rest of the body until the follower has joined.
+        resume = threading.Event()
+        origin.files["/pkg/big.bin"] = Resource(big, pause_after=1 << 20, resume=resume)
         with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url, "--store", store_dir, "--workers", "2",
                               "--threads", "4") as server:
             index = SQLiteIndex(os.path.join(store_dir, "index.sqlite3"))
@@ -341,7 +344,8 @@ def test_stats_counts_hits_misses_and_collapsed_of_a_real_serve(tmp_path):
 
                 # A follower joins a fetch whose leader's client is stalled mid-body.
                 leader, head, leader_body = _start_leader(server.port, "/pkg/big.bin")
-                with leader:
+                with leader, contextlib.ExitStack() as unblock:
+                    unblock.callback(resume.set)  # whatever fails, the origin's thread goes on
                     assert head.startswith(b"HTTP/1.1 200"), head
                     assert b"fwd=miss" in head
                     follower_head = threading.Event()
@@ -368,6 +372,7 @@ def test_stats_counts_hits_misses_and_collapsed_of_a_real_serve(tmp_path):
                     assert "error" not in follower, follower.get("error")
                     assert follower["status"] == 200
                     assert "collapsed" in follower["cache_status"], follower["cache_status"]
+                    resume.set()
                     # Now let the leader's client read at full speed: both get the whole body.
                     leader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
                     while len(leader_body) < len(big):
