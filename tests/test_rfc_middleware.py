@@ -375,23 +375,29 @@ def test_an_error_answer_to_an_unsafe_method_invalidates_nothing(make, now):
     assert_clean(mw)
 
 
-def test_same_origin_location_and_content_location_are_invalidated_too(make, now):
+def stored_then_posted(make, paths: tuple[str, ...], answer_headers: list[tuple[str, str]]):
+    """Store ``paths``, then POST ``/new`` to an app that answers 201 with ``answer_headers``."""
     app = App(headers=[("Cache-Control", "max-age=600")])
     mw = make(app)
     c = client(mw)
-    for path in ("/a", "/b", "/c"):
+    for path in paths:
         get(c, path)
     settled(mw)
 
     def poster(environ, start_response):
-        start_response("201 Created", [("Location", "/a"), ("Content-Location", "http://localhost/b"),
-                                       ("Content-Type", "text/plain")])
+        start_response("201 Created", [*answer_headers, ("Content-Type", "text/plain")])
         return [b"made"]
 
     real = mw.app
     mw._ctx.app = poster
     c.post("/new", buffered=True)
     mw._ctx.app = real
+    return mw, c
+
+
+def test_same_origin_location_and_content_location_are_invalidated_too(make, now):
+    mw, c = stored_then_posted(make, ("/a", "/b", "/c"),
+                               [("Location", "/a"), ("Content-Location", "http://localhost/b")])
     assert not cache_status(get(c, "/a")).startswith("cachefetch; hit")
     assert not cache_status(get(c, "/b")).startswith("cachefetch; hit")
     assert cache_status(get(c, "/c")).startswith("cachefetch; hit")
@@ -401,21 +407,7 @@ def test_same_origin_location_and_content_location_are_invalidated_too(make, now
 
 def test_a_location_spelling_the_default_port_invalidates_the_entry_stored_without_it(make, now):
     """``http://localhost:80/a`` is the origin ``http://localhost`` (RFC 6454): its entry goes."""
-    app = App(headers=[("Cache-Control", "max-age=600")])
-    mw = make(app)
-    c = client(mw)
-    for path in ("/a", "/b"):
-        get(c, path)
-    settled(mw)
-
-    def poster(environ, start_response):
-        start_response("201 Created", [("Location", "HTTP://LOCALHOST:80/a#made"), ("Content-Type", "text/plain")])
-        return [b"made"]
-
-    real = mw.app
-    mw._ctx.app = poster
-    c.post("/new", buffered=True)
-    mw._ctx.app = real
+    mw, c = stored_then_posted(make, ("/a", "/b"), [("Location", "HTTP://LOCALHOST:80/a#made")])
     assert not cache_status(get(c, "/a")).startswith("cachefetch; hit")
     assert cache_status(get(c, "/b")).startswith("cachefetch; hit")
     settled(mw)
@@ -423,19 +415,6 @@ def test_a_location_spelling_the_default_port_invalidates_the_entry_stored_witho
 
 
 def test_another_origin_in_location_is_not_invalidated(make, now):
-    app = App(headers=[("Cache-Control", "max-age=600")])
-    mw = make(app)
-    c = client(mw)
-    get(c, "/a")
-    settled(mw)
-
-    def poster(environ, start_response):
-        start_response("201 Created", [("Location", "http://other.example/a"), ("Content-Type", "text/plain")])
-        return [b"made"]
-
-    real = mw.app
-    mw._ctx.app = poster
-    c.post("/new", buffered=True)
-    mw._ctx.app = real
+    mw, c = stored_then_posted(make, ("/a",), [("Location", "http://other.example/a")])
     assert cache_status(get(c, "/a")).startswith("cachefetch; hit")
     assert_clean(mw)
