@@ -298,10 +298,12 @@ class CacheFetch:
                 lead.release()
                 return passthrough(ctx, environ, start_response, plan.status.with_(detail="store-unavailable"))
             right_flight = _flight_of(key, environ, now_entries)
-            if right_flight != flight:
-                # A variant was stored since we looked: the resource varies, and
-                # this request's own variant is fetched under its own flight, so
-                # that the next request for that variant coalesces with it.
+            if right_flight != flight and flight == _flight_of(key, environ, []):
+                # A variant was stored since we planned without one: the resource
+                # varies, and this request's own variant is fetched under its own
+                # flight, where the next request for that variant looks. (Never
+                # the other way: a variant's flight chosen from a leader's head is
+                # right before any variant is in the index.)
                 lead.release()
                 raise Retry(right_flight)
             now_entry = hit.matching(now_entries, environ)
