@@ -35,6 +35,7 @@ class Answered:
     status: int
     cache_status: str
     right_body: bool
+    wrong: str = ""  # for a wrong body: what it was, to tell a cut answer from another URL's
 
 
 @dataclass
@@ -60,7 +61,10 @@ class Load:
             except OSError as exc:  # a refused or reset connection is an unanswered request
                 self.errors.append(f"{path}: {exc!r}")
                 continue
-            self.answers.append(Answered(path, r.status, r.headers["Cache-Status"] or "", r.body == body_of(path)))
+            right = r.body == body_of(path)
+            wrong = "" if right else (f"{len(r.body)} bytes (want {len(body_of(path))}), starting {r.body[:48]!r}; "
+                                      f"Content-Length {r.headers['Content-Length']}, Age {r.headers['Age']}")
+            self.answers.append(Answered(path, r.status, r.headers["Cache-Status"] or "", right, wrong))
 
     def count(self) -> int:
         return len(self.answers) + len(self.errors)
