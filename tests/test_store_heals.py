@@ -63,7 +63,8 @@ class Load:
                 continue
             right = r.body == body_of(path)
             wrong = "" if right else (f"{len(r.body)} bytes (want {len(body_of(path))}), starting {r.body[:48]!r}; "
-                                      f"Content-Length {r.headers['Content-Length']}, Age {r.headers['Age']}")
+                                      f"complete={r.complete}, Content-Length {r.headers['Content-Length']}, "
+                                      f"Age {r.headers['Age']}")
             self.answers.append(Answered(path, r.status, r.headers["Cache-Status"] or "", right, wrong))
 
     def count(self) -> int:
