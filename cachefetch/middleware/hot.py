@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..index import Entry, Index, IndexUnavailable
-from ..policy import ENVIRON_KEY, CacheRules, CacheStatus, response_directives, variant_of
+from ..policy import ENVIRON_KEY, FOREVER, CacheRules, CacheStatus, response_directives, variant_of
 from ..replay import etag_for, file_body, whole_fields
 from ..store import CAFS, BlobNotFound
 from ..wsgi import StartResponse, WSGIEnviron
@@ -40,7 +40,6 @@ _PLANNED = frozenset({"HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_AUTHORIZATION",
                       "HTTP_IF_UNMODIFIED_SINCE", "HTTP_RANGE", "HTTP_IF_RANGE"})
 _PLANNED_WITH_COOKIE = _PLANNED | {"HTTP_COOKIE"}
 _NO_BODY = (None, "", "0")  # CONTENT_LENGTH values of a request without a body
-_FOREVER = float("inf")
 # What an answer costs besides its body and fields (the record, its tuples, the dict slots).
 _OVERHEAD = 512
 
@@ -155,7 +154,7 @@ class HotTable:
         if expires is not None and not expires - now > 0:
             return None  # stale: the full path decides (revalidate, swr, stale-if-error...)
         age = entry.age(now)
-        ttl = None if expires is None or expires == _FOREVER else int(expires - now)
+        ttl = None if expires is None or expires == FOREVER else int(expires - now)
         stamp = answer.stamp
         if stamp is None or stamp.age != age or stamp.ttl != ttl:
             stamp = answer.stamp = _stamp(answer, age, ttl)  # a racing thread sees the old stamp or this one
