@@ -319,19 +319,50 @@ def _healing(method: Callable[..., _T]) -> Callable[..., _T]:
 
     @functools.wraps(method)
     def healing(self: "SQLiteIndex", *args: Any, **kwargs: Any) -> _T:
+        local = self._local
+        local.used = False
         try:
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
+            if local.used:
+                self._confirm(local)
+            return result
         except (sqlite3.Error, OSError) as exc:
             raise self._failed(exc) from exc
 
     return healing
 
 
-def _inode(path: str) -> int | None:
+def _confirmed(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run a maintenance operation (its SQLite errors reach the caller as
+    they are); one made on a file the path no longer names raises
+    IndexUnavailable, as under :func:`_healing`."""
+
+    @functools.wraps(method)
+    def confirmed(self: "SQLiteIndex", *args: Any, **kwargs: Any) -> _T:
+        local = self._local
+        local.used = False
+        result = method(self, *args, **kwargs)
+        if local.used:
+            try:
+                self._confirm(local)
+            except _Moved as exc:
+                raise self._failed(exc) from exc
+        return result
+
+    return confirmed
+
+
+class _Moved(sqlite3.OperationalError):
+    """The database file was moved or replaced while a connection used it."""
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file at ``path``; ``None`` if there is none."""
     try:
-        return os.stat(path).st_ino
+        st = os.stat(path)
     except FileNotFoundError:
         return None
+    return st.st_dev, st.st_ino
 
 
 def _is_damage(exc: BaseException) -> bool:
@@ -499,9 +530,10 @@ class SQLiteIndex:
     the same transaction as every change, so they stay exact across processes.
 
     The index heals: a connection that fails is dropped and reopened on the
-    next call; once a second each connection checks that the database file is
-    still the one it opened (a store directory deleted and recreated gets a
-    new, empty index); a database that is not one (damaged) is moved aside to
+    next call; before and after each use a connection checks that the
+    database file is still the one it opened (a store directory deleted and
+    recreated gets a new, empty index; see :meth:`_replaced` for why every
+    use), and a ``get`` answered from the memo checks once a second; a database that is not one (damaged) is moved aside to
     ``<path>.damaged-<time>`` and rebuilt empty, at start and whenever an
     operation finds it so. Failures reach callers as :class:`IndexUnavailable`.
 
@@ -551,9 +583,14 @@ class SQLiteIndex:
 
     def _connect(self) -> sqlite3.Connection:
         local = self._local
-        if getattr(local, "pid", None) == os.getpid() and not self._replaced(local):
-            return local.db
+        local.used = True
+        if getattr(local, "pid", None) == os.getpid():
+            # Inside a transaction the file cannot be read anew (the lock is held):
+            # the transaction's end is checked instead.
+            if getattr(local, "txn", None) is not None or not self._replaced(local):
+                return local.db
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        before = _identity(self.path)
         db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
                              check_same_thread=True)
         try:
@@ -564,25 +601,44 @@ class SQLiteIndex:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             _retry_locked(db, self._busy_timeout, _migrate)
+            opened = _identity(self.path)
+            if opened is None or before not in (None, opened):
+                raise _Moved(f"{self.path} was moved or replaced while it was being opened")
         except BaseException:
             db.close()
             raise
         local.db, local.pid = db, os.getpid()
-        local.ino, local.checked = _inode(self.path), time.monotonic()
+        local.identity, local.checked = opened, time.monotonic()
         return db
 
     def _replaced(self, local: threading.local) -> bool:
-        """Once a second: whether the file was removed or replaced since this
-        thread opened it (then its connection and generation file are dropped)."""
-        now = time.monotonic()
-        if now - local.checked < 1.0:
-            return False
-        local.checked = now
-        if _inode(self.path) == local.ino:
+        """Whether the file was removed or replaced since this thread opened
+        it (then its connection and generation file are dropped).
+
+        Checked before every use of a connection, not now and then: SQLite
+        names a rollback journal after the path, so a connection on a file
+        moved away would take the journal of the database now at the path for
+        its own, and while that one commits, replay its pages into its own
+        file and read rows of other keys (``tests/test_index_replaced.py``)."""
+        local.checked = time.monotonic()
+        if _identity(self.path) == local.identity:
             return False
         log.warning("the index %s was removed or replaced; reopening it", self.path)
         self._drop(local)
         return True
+
+    def _confirm(self, local: threading.local) -> None:
+        """After an operation: raise :class:`_Moved` if the file the
+        connection used is no longer the path's. What it read may then come
+        from another database's journal, and what it wrote is not in the
+        path's database; either way it must not be answered.
+
+        :raises _Moved: if so (the connection is dropped first).
+        """
+        if getattr(local, "pid", None) == os.getpid() and getattr(local, "txn", None) is None \
+                and _identity(self.path) != local.identity:
+            self._drop(local)
+            raise _Moved(f"{self.path} was moved or replaced during the operation")
 
     def _drop(self, local: threading.local) -> None:
         """Forget this thread's connection and generation file (after a failure)."""
@@ -606,8 +662,13 @@ class SQLiteIndex:
 
     def _failed(self, exc: BaseException) -> IndexUnavailable:
         """Turn a failure into IndexUnavailable, dropping what failed so the next call heals."""
-        self._drop(self._local)
-        if self._heal and isinstance(exc, sqlite3.DatabaseError) and _is_damage(exc):
+        local = self._local
+        # Damage is judged only on the file the path still names: a read on a
+        # moved one can look damaged (see _replaced) while the path's is sound.
+        # (Without a connection, the failure was in opening the path's file.)
+        ours = getattr(local, "pid", None) != os.getpid() or _identity(self.path) == local.identity
+        self._drop(local)
+        if self._heal and ours and isinstance(exc, sqlite3.DatabaseError) and _is_damage(exc):
             self._rebuild(exc)
         warn_limited(log, "index", "the index %s is unavailable: %s", self.path, exc)
         return IndexUnavailable(f"{self.path}: {exc}")
@@ -656,6 +717,8 @@ class SQLiteIndex:
         While the index is unchanged the same list (the memo's) is returned
         again: callers must not change it.
         """
+        if time.monotonic() - getattr(self._local, "checked", 0.0) >= 1.0:
+            self._connect()  # a memo hit uses no connection: still notice a replaced file within a second
         # generation() without its own _healing wrapper: every hit comes through here
         generation = self._generation_view()[:_GENERATION_SIZE]
         if generation != self._memo_generation:
@@ -749,6 +812,7 @@ class SQLiteIndex:
             size = self._local.page_size = db.execute("PRAGMA page_size").fetchone()[0]
         return size
 
+    @_confirmed
     def least_recently_used(self, limit: int = 1000, used_before: float | None = None,
                             after: tuple[float, str, str] | None = None) -> list[Entry]:
         """Up to ``limit`` entries, least recently used first: only those last
@@ -782,11 +846,13 @@ class SQLiteIndex:
         row = self._connect().execute("SELECT refs FROM blobs WHERE hash = ?", (h.hex,)).fetchone()
         return row is not None and row[0] > 0
 
+    @_confirmed
     def known(self, h: Hash) -> bool:
         """Whether the index accounts for blob ``h`` (referenced, or
         unreferenced and counted until :meth:`forget_blob`)."""
         return self._connect().execute("SELECT 1 FROM blobs WHERE hash = ?", (h.hex,)).fetchone() is not None
 
+    @_confirmed
     def unreferenced_blobs(self, before: float, limit: int = 1000) -> list[tuple[Hash, int]]:
         """``(hash, size)`` of up to ``limit`` blobs no entry has pointed at
         since before ``before``, longest unreferenced first."""
@@ -795,21 +861,25 @@ class SQLiteIndex:
             "ORDER BY unreferenced_since LIMIT ?", (before, limit)).fetchall()
         return [(Hash.from_hex(h), size) for h, size in rows]
 
+    @_confirmed
     def blob_hashes(self) -> Iterator[Hash]:
         """Every blob some entry points at, each once (a snapshot)."""
         rows = self._connect().execute("SELECT hash FROM blobs WHERE refs > 0").fetchall()
         return (Hash.from_hex(h) for (h,) in rows)
 
+    @_confirmed
     def keys_for(self, h: Hash) -> list[tuple[str, str]]:
         """``(key, variant)`` of every entry pointing at blob ``h``."""
         return self._connect().execute("SELECT key, variant FROM entries WHERE hash = ?", (h.hex,)).fetchall()
 
+    @_confirmed
     def forget_blob(self, h: Hash) -> bool:
         """Stop counting blob ``h`` (its file is gone), unless an entry points
         at it again; returns whether it was forgotten."""
         self._settle()
         return self._connect().execute("DELETE FROM blobs WHERE hash = ? AND refs <= 0", (h.hex,)).rowcount > 0
 
+    @_confirmed
     def forget_unreferenced(self, hashes: Iterable[Hash]) -> list[Hash]:
         """Stop counting those of ``hashes`` no entry points at (one statement
         per few hundred); returns them. Inside a transaction, remove their
@@ -827,6 +897,7 @@ class SQLiteIndex:
             txn.left_queues_alone()
         return gone
 
+    @_confirmed
     def purge_expired(self, before: float, limit: int = 1000) -> int:
         """Delete up to ``limit`` entries that expired before ``before``
         (pick it past any stale window the server still serves from);
@@ -879,6 +950,7 @@ class SQLiteIndex:
                 db.execute("PRAGMA cache_spill = ON")
                 db.execute("PRAGMA temp_store = DEFAULT")
                 db.execute("PRAGMA shrink_memory")
+        self._confirm(self._local)  # (what it removed from a moved file must not be acted on)
         if txn.removed:
             self._changed()
 
@@ -893,6 +965,7 @@ class SQLiteIndex:
         """The eviction queues of this index, on this thread's connection."""
         return SQLiteQueues(self)
 
+    @_confirmed
     def compact(self) -> None:
         """Give the database's free pages back to the file system (an index
         created before auto_vacuum keeps them for reuse instead), and
