@@ -21,6 +21,10 @@ number is measured in the same run:
 3. warm hits: requests/s for a cached 4 KiB file and MiB/s for a cached
    100 MiB file, cachefetch vs nginx, with ``wrk`` when on PATH, else a
    Python load generator.
+4. a slow leader (issue 8): a client reading 100 kB/s asks first for a cold
+   50 MiB file the origin sends as fast as it can, then five fast clients ask
+   for it together: each follower's time to its last byte vs the origin's own
+   time for one direct fetch (goal: <= 1.5x), for cachefetch and for nginx.
 
 cachefetch runs as ``python -m cachefetch.cli serve --workers 2 --threads 32``
 and nginx with ``worker_processes 2``; the script writes nginx's config into a
@@ -32,7 +36,8 @@ errors, Ctrl-C and SIGTERM. The tables are also written to
 ``benchmarks/results/proxy.png`` (matplotlib, the ``bench`` extra; skipped
 with a note when it is missing).
 
-Usage: ``python benchmarks/bench_proxy.py [--quick] [--no-nginx] [--no-wrk] [--no-curl]``
+Usage: ``python benchmarks/bench_proxy.py [--quick] [--no-nginx] [--no-wrk] [--no-curl] [--only SECTION]``
+(``--only`` runs one section and prints it, leaving ``benchmarks/results/`` alone)
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,6 +80,9 @@ COLD_SIZE = 100 * MiB
 SMALL_SIZE = 4 * KiB
 HERD_CLIENTS = 50
 HERD_DELAY, HERD_SIZE, HERD_SPREAD, HERD_PIECES = 1.0, 20 * MiB, 2.0, 40
+PACE_SIZE, PACE_FOLLOWERS = 50 * MiB, 5
+PACE_PIECE, PACE_PAUSE = 10_000, 0.1  # the slow leader reads 100 kB/s
+PACE_GOAL = 1.5  # issue 8: followers within 1.5x the upstream's own time
 COLD_GOAL = 0.75
 NGINX_COLD_GOAL = 1.0  # issue 10
 HERD_GOAL = 1.2  # median follower TTFB ÷ leader TTFB, as in the middleware's herd test
@@ -467,6 +476,65 @@ class Downloader:
             conn.close()
 
 
+def timed_body(port: int, path: str) -> tuple[int, int, float]:
+    """One GET on a fresh connection, the body read 1 MiB at a time into one
+    buffer: ``(status, bytes, seconds from the request to the last byte)``."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(HOST, port, timeout=300)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        buf = memoryview(bytearray(MiB))
+        got = 0
+        while n := resp.readinto(buf):
+            got += n
+        return resp.status, got, time.perf_counter() - t0
+    finally:
+        conn.close()
+
+
+class SlowReader:
+    """A client that asks for ``path`` and reads :data:`PACE_PIECE` bytes every
+    :data:`PACE_PAUSE` seconds (its pace is the point: the pauses are timed on purpose)."""
+
+    def __init__(self, port: int, path: str) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=300)
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        self.received = 0
+        self._head = bytearray()
+        self._has_head = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self.sock.recv(PACE_PIECE)
+                if not data:
+                    break
+                self.received += len(data)
+                if not self._has_head.is_set():
+                    self._head += data
+                    if b"\r\n\r\n" in self._head:
+                        self._has_head.set()
+                self._stop.wait(PACE_PAUSE)
+        except OSError:
+            pass
+        finally:
+            self._has_head.set()
+
+    def wait_head(self, timeout: float = 60) -> None:
+        """Return once the response head has come (so this client leads the fetch)."""
+        if not self._has_head.wait(timeout) or b"\r\n\r\n" not in self._head:
+            raise RuntimeError("the slow leader got no response head")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(10)
+
+
 class _Lines:
     """A minimal file for ``http.client.parse_headers``."""
 
@@ -715,6 +783,83 @@ class Bench:
                              "(nginx re-checks the lock every 500 ms)")
         return sec
 
+    # 4 -----------------------------------------------------------------------------------
+
+    def paced_once(self, name: str, port: int, path: str) -> list[float]:
+        """A leader reading 100 kB/s, then :data:`PACE_FOLLOWERS` fast clients
+        together: each follower's seconds from its start to its last byte."""
+        leader = SlowReader(port, path)
+        try:
+            leader.wait_head()
+            got = loadgen.all_at_once(PACE_FOLLOWERS, lambda i: timed_body(port, path), f"paced {name}")
+        finally:
+            leader.close()
+        for status, size, _ in got:
+            if status != 200 or size != PACE_SIZE:
+                raise RuntimeError(f"paced {name} {path}: a follower got {status} with {size} bytes")
+        times = sorted(secs for _, _, secs in got)
+        log(f"paced {name} {path}: followers {', '.join(f'{t:.3f}' for t in times)} s; the leader had read "
+            f"{leader.received:,} bytes")
+        return times
+
+    def paced(self) -> Section:
+        """Issue 8's case: the herd behind a leader whose client reads at 100 kB/s,
+        on an upstream that sends as fast as loopback allows."""
+        for r in range(self.reps):
+            for mode in ("direct", "cachefetch", "nginx"):
+                with open(os.path.join(self.files, f"paced-{mode}-{r}.bin"), "wb") as f:
+                    for _ in range(PACE_SIZE // MiB):
+                        f.write(os.urandom(MiB))
+        os.sync()
+        ports = {"cachefetch": self.cf.port, **({"nginx": self.proxy.port} if self.proxy else {})}
+        direct: list[float] = []
+        direct_herd: list[float] = []  # what this machine can deliver to five clients at once, with no cache
+        followers: dict[str, list[float]] = {mode: [] for mode in ports}
+        for r in range(self.reps):
+            path = f"/paced-direct-{r}.bin"
+            status, size, secs = timed_body(self.origin.port, path)
+            if status != 200 or size != PACE_SIZE:
+                raise RuntimeError(f"direct paced fetch: {status}, {size} bytes")
+            direct.append(secs)
+            together = loadgen.all_at_once(PACE_FOLLOWERS, lambda i: timed_body(self.origin.port, path),
+                                           "paced direct")
+            if any(status != 200 or size != PACE_SIZE for status, size, _ in together):
+                raise RuntimeError(f"direct paced fetch by {PACE_FOLLOWERS} clients failed: {together}")
+            direct_herd.append(statistics.median(secs for _, _, secs in together))
+            for mode in (list(ports) if r % 2 == 0 else list(ports)[::-1]):
+                followers[mode].append(statistics.median(self.paced_once(mode, ports[mode], f"/paced-{mode}-{r}.bin")))
+        base = statistics.median(direct)
+        sec = Section(f"4. A slow leader: its client reads {PACE_PIECE * 10 // 1000} kB/s, then "
+                      f"{PACE_FOLLOWERS} fast followers, on a cold {PACE_SIZE // MiB} MiB the upstream sends "
+                      "as fast as it can",
+                      ["measurement", "time", "÷ the upstream's own time", "goal", "met"])
+        sec.rows.append(["the upstream's own time (one client, direct)",
+                         f"{ms(base)} (median of {self.reps}; runs {ms(min(direct))}–{ms(max(direct))})", "1.00", "–",
+                         "–"])
+        herd_base = statistics.median(direct_herd)
+        sec.rows.append([f"{PACE_FOLLOWERS} clients at once, direct from the upstream (no cache: what this machine "
+                         "delivers to five at once)",
+                         f"{ms(herd_base)} (median of each run's median)", ratio_text(safe_div(herd_base, base)),
+                         "–", "–"])
+        for mode, medians in followers.items():
+            value = statistics.median(medians)
+            ratio = safe_div(value, base)
+            goal = f"≤ {PACE_GOAL} (issue 8)" if mode == "cachefetch" else "–"
+            sec.rows.append([f"{mode}: a follower, start to last byte (median of each run's median)",
+                             f"{ms(value)} (runs {ms(min(medians))}–{ms(max(medians))})", ratio_text(ratio), goal,
+                             met(ratio <= PACE_GOAL) if mode == "cachefetch" else "–"])
+            self.bars.append(Bar(f"slow leader: {mode} follower ÷ upstream's own time (↓)", ratio,
+                                 PACE_GOAL if mode == "cachefetch" else None, higher_is_better=False))
+        sec.notes.append(f"the leader: a raw socket reading {PACE_PIECE:,} bytes every {PACE_PAUSE:g} s, started "
+                         "first; the followers start once it has its response head, all at once, each on a fresh "
+                         "connection reading 1 MiB at a time (http.client, in the benchmark's process); each run "
+                         "a new random file, so every proxy fetches it cold; order of the proxies alternated")
+        if self.proxy:
+            sec.notes.append("nginx fetches into its temp file at the upstream's pace too (`proxy_buffering on`); "
+                             "its followers wait on `proxy_cache_lock` until the entry is complete, re-checking "
+                             "every 500 ms")
+        return sec
+
     # 3 -----------------------------------------------------------------------------------
 
     def warm(self) -> Section:
@@ -805,6 +950,8 @@ def main() -> int:
     parser.add_argument("--no-nginx", action="store_true", help="act as if nginx were not installed")
     parser.add_argument("--no-wrk", action="store_true", help="use the Python load generator even if wrk is on PATH")
     parser.add_argument("--no-curl", action="store_true", help="use http.client even if curl is on PATH")
+    parser.add_argument("--only", choices=["cold", "herd", "warm", "paced"],
+                        help="run this section only and print it (the results files are left alone)")
     args = parser.parse_args()
 
     report.interrupt_on(signal.SIGTERM)
@@ -819,9 +966,9 @@ def main() -> int:
         bench = Bench(args)
         log(f"temp dir {bench.workdir}")
         bench.setup()
-        sections.append(bench.cold())
-        sections.append(bench.herd())
-        sections.append(bench.warm())
+        for name in ("cold", "herd", "warm", "paced"):
+            if args.only in (None, name):
+                sections.append(getattr(bench, name)())
     finally:
         if bench is not None:
             bench.close()
@@ -846,6 +993,9 @@ def main() -> int:
         *(f"- {note}" for note in bench.notes),
         f"- whole run: {elapsed:.0f} s",
     ]
+    if args.only:
+        print("\n\n".join(s.render() for s in sections))
+        return 0
     report.write_results(RESULTS_MD, RESULTS_PNG, title, header, "\n\n".join(s.render() for s in sections),
                          bench.bars, echo=True,
                          subtitle=f"{os.cpu_count()} CPUs shared by clients and servers; "
