@@ -431,6 +431,19 @@ class FillReader:
         finally:
             self.close()
 
+    def wait_ready(self) -> None:
+        """Wait for the first bytes (or the end) without taking them, so that
+        a failure before any byte can still be answered with a status of its
+        own. Waits at most until the first-byte deadline.
+
+        :raises FillFailed: if the fetch failed. :raises TimeoutError: at the deadline.
+        """
+        if self._stop is not None and self._pos >= self._stop:
+            return
+        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        self._fill._available(self, self._pos, timeout)
+        self._deadline = None
+
     def fileno(self) -> int:
         """The descriptor of the temp file this reader reads (-1 if there is none)."""
         return self._fd

@@ -34,7 +34,7 @@ from typing import Iterator, Protocol, Union
 from .hashing import hash_bytes
 from .layout import StoreLayout, flight_temp_prefix
 
-__all__ = ["FlightsSeam", "Leading", "Following", "Flights", "Lead", "Follow", "Journal", "LeaderGone", "JournalOrderError", "Record", "LeaderRecord",
+__all__ = ["FlightsSeam", "Leading", "Following", "Flights", "Lead", "Follow", "JournalBody", "Journal", "LeaderGone", "JournalOrderError", "Record", "LeaderRecord",
            "HeadRecord", "DoneRecord", "FailedRecord", "UncacheableRecord", "RefreshedRecord", "encode_record",
            "decode_record", "JOURNAL_VERSION"]
 
@@ -418,51 +418,99 @@ class Follow:
         return True
 
     def body(self, path: str, deadline: float | None = None, start: int = 0,
-             stop: int | None = None) -> Iterator[bytes]:
-        """Yield bytes ``[start, stop)`` of the body file as the leader writes
-        them (to the end when ``stop`` is ``None``).
+             stop: int | None = None) -> "JournalBody":
+        """Bytes ``[start, stop)`` of the body file as the leader writes
+        them (to the end when ``stop`` is ``None``): an iterator of bytes
+        that also offers them as file spans (:meth:`JournalBody.sendfile_spans`).
 
-        The first ``next()`` waits at most until ``deadline`` (monotonic) for
-        a byte. :raises FileNotFoundError: if the body file is already gone
-        when first opened; :raises LeaderGone: if the fetch fails or its
-        leader dies before the end; :raises TimeoutError: at the deadline.
+        The first byte is waited for at most until ``deadline`` (monotonic).
+        :raises FileNotFoundError: if the body file is already gone; while
+        iterating, :raises LeaderGone: if the fetch fails or its leader dies
+        before the end; :raises TimeoutError: at the deadline.
         """
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            pos = start
-            sent = 0
-            delay = _POLL_MIN
-            while stop is None or pos < stop:
-                want = _READ_SIZE if stop is None else min(_READ_SIZE, stop - pos)
-                data = os.pread(fd, want, pos)
-                if data:
-                    pos += len(data)
-                    sent += len(data)
-                    delay = _POLL_MIN
-                    yield data
-                    continue
-                journal = self.settled()
-                if isinstance(journal.final, DoneRecord):
-                    size = journal.final.size
-                    end = size if stop is None else min(stop, size)
-                    # Done comes after the last write: whatever is left is there now.
-                    while pos < end and (data := os.pread(fd, min(_READ_SIZE, end - pos), pos)):
-                        pos += len(data)
-                        yield data
-                    if pos != end:
-                        raise LeaderGone(f"body file ended at {pos} of {end} bytes")
-                    return
-                if journal.final is not None:
-                    raise LeaderGone(f"the fetch ended with {journal.final}")
-                if sent == 0 and deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError("no body byte from the leader in time")
-                time.sleep(delay)
-                delay = min(delay * 2, _POLL_MAX)
-        finally:
-            os.close(fd)
+        return JournalBody(self, path, deadline, start, stop)
 
     def close(self) -> None:
         """Close the journal descriptor."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class JournalBody:
+    """A follower's read of the body file a leader (in another process) is
+    writing, at the follower's pace: iterate it for bytes, or ask for
+    :meth:`sendfile_spans` to send them from the file without copying them
+    through Python. Used by one request thread; ``close()`` (also at the end)
+    closes the file.
+
+    :raises FileNotFoundError: if the body file is already gone.
+    """
+
+    def __init__(self, follow: Follow, path: str, deadline: float | None, start: int, stop: int | None) -> None:
+        self._follow = follow
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._pos, self._stop = start, stop
+        self._deadline = deadline  # for the first byte only
+        self._end: int | None = stop  # where the body ends, once known
+
+    def __iter__(self) -> "JournalBody":
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            ready = self._ready()
+            if not ready:
+                raise StopIteration
+            data = os.pread(self._fd, min(_READ_SIZE, ready), self._pos)
+            if not data:
+                raise LeaderGone(f"the body file ended at {self._pos} bytes")
+        except BaseException:
+            self.close()
+            raise
+        self._pos += len(data)
+        return data
+
+    def sendfile_spans(self) -> Iterator[tuple[int, int, int]]:
+        """The rest of the body as ``(fd, offset, count)`` spans of the file,
+        each everything written past the last one; raises as iterating does.
+        The descriptor is valid until the next span is asked for."""
+        try:
+            while ready := self._ready():
+                yield self._fd, self._pos, ready
+                self._pos += ready
+        finally:
+            self.close()
+
+    def _ready(self) -> int:
+        """Wait for bytes past the position; how many the file holds of the
+        body there (0: the body has ended). :raises LeaderGone, TimeoutError."""
+        delay = _POLL_MIN
+        while True:
+            if self._end is not None and self._pos >= self._end:
+                return 0
+            # The leader only appends, and the file's size counts only bytes already written.
+            size = os.fstat(self._fd).st_size
+            limit = size if self._end is None else min(size, self._end)
+            if limit > self._pos:
+                self._deadline = None
+                return limit - self._pos
+            journal = self._follow.settled()
+            if isinstance(journal.final, DoneRecord):
+                end = journal.final.size if self._stop is None else min(self._stop, journal.final.size)
+                if os.fstat(self._fd).st_size < end:  # Done comes after the last write
+                    raise LeaderGone(f"the body file ended at {os.fstat(self._fd).st_size} of {end} bytes")
+                self._end = end
+                continue
+            if journal.final is not None:
+                raise LeaderGone(f"the fetch ended with {journal.final}")
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                raise TimeoutError("no body byte from the leader in time")
+            time.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX)
+
+    def close(self) -> None:
+        """Close the body file (again is a no-op)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -8,9 +8,11 @@ import threading
 from harness import cachefetch_serve, fetch
 from origin import Origin, Resource
 
+from werkzeug.test import EnvironBuilder
+
 from cachefetch.fill import Fill, FillOptions
 from test_fill import Recorded, gated
-from test_middleware import WAIT
+from test_middleware import WAIT, Recorder, assert_clean, start
 
 
 def _read_spans(reader) -> tuple[bytes, list[tuple[int, int]]]:
@@ -79,3 +81,47 @@ def test_a_cold_fetch_through_serve_is_whole_and_a_range_of_it_right(tmp_path):
             ranged = fetch(server.port, "/other.bin", headers={"Range": "bytes=1000000-5000000"})
             assert ranged.status == 206 and ranged.body == data[::-1][1_000_000:5_000_001]
             assert ranged.headers["Content-Length"] == str(4_000_001)
+
+
+def test_a_follower_in_the_leaders_process_is_offered_the_body_as_file_spans(make):
+    """What our worker sends with sendfile: a follower of a fetch running in
+    its own process is answered from the fill's temp file, as the leader's
+    client is, not copied through Python."""
+    data = os.urandom(600_000)
+    entered, gate = threading.Event(), threading.Event()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Cache-Control", "max-age=60"),
+                                  ("Content-Length", str(len(data)))])
+
+        def body():
+            yield data[:100_000]
+            entered.set()
+            assert gate.wait(WAIT)
+            yield data[100_000:]
+        return body()
+
+    mw = make(app)
+    leader = Recorder(mw, "/spans")
+    thread = start(leader.run)
+    try:
+        assert entered.wait(WAIT)
+        got = {}
+        environ = EnvironBuilder(path="/spans", base_url="http://example.org").get_environ()
+        answer = mw(environ, lambda status, headers, exc_info=None: got.update(status=status, headers=dict(headers)))
+        gate.set()
+        try:
+            assert callable(getattr(answer, "sendfile_spans", None))
+            body = bytearray()
+            for span in answer.sendfile_spans():
+                fd, offset, count = span
+                assert offset == len(body)
+                body += os.pread(fd, count, offset)
+        finally:
+            answer.close()
+    finally:
+        gate.set()
+        thread.join(WAIT)
+    assert got["status"] == "200 OK" and got["headers"]["Cache-Status"] == "cachefetch; fwd=miss; collapsed"
+    assert bytes(body) == data and leader.body == data
+    assert_clean(mw)

@@ -298,6 +298,38 @@ def test_follower_body_streams_step_by_step(flights):
         lead.release()
 
 
+def test_follower_body_as_file_spans_grows_with_the_file_and_ends_at_done(flights):
+    """What cachefetch's worker sends with sendfile for a follower in another
+    process: spans of the leader's body file, each what was written since the
+    last, contiguous, ending where D says."""
+    lead = flights.lead("k")
+    body_file, body_path = new_body(flights, lead)
+    lead.publish(HeadRecord("200 OK", body=body_path))
+    follow = flights.follow("k")
+    try:
+        body_file.write(b"a" * 3000)
+        spans = follow.body(body_path, later(), start=1000).sendfile_spans()
+        fd, offset, count = next(spans)
+        assert (offset, count) == (1000, 2000) and os.pread(fd, count, offset) == b"a" * 2000
+        body_file.write(b"b" * 5000)
+        body_file.write(b"c" * 100)
+        lead.done(hash_bytes(b"a" * 3000 + b"b" * 5000 + b"c" * 100).hex, 8100)
+        rest = bytearray()
+        position = 3000
+        for fd, offset, count in spans:
+            assert offset == position and count > 0
+            rest += os.pread(fd, count, offset)
+            position += count
+        assert bytes(rest) == b"b" * 5000 + b"c" * 100
+        ranged = b"".join(os.pread(fd, n, off) for fd, off, n in follow.body(body_path, later(), 2990, 3010)
+                          .sendfile_spans())
+        assert ranged == b"a" * 10 + b"b" * 10
+    finally:
+        body_file.close()
+        follow.close()
+        lead.release()
+
+
 def test_body_ending_short_of_the_announced_size_raises(flights):
     lead = flights.lead("k")
     body_file, body_path = new_body(flights, lead)

@@ -139,12 +139,25 @@ def call_app(app: WSGIApp, environ: WSGIEnviron, clock: Callable[[], float]) -> 
 
 
 class Prepended:
-    """``head`` chunks, then ``rest``; ``close()`` closes ``owner`` (PEP 3333)."""
+    """``head`` chunks, then ``rest``; ``close()`` closes ``owner`` (PEP 3333).
 
-    def __init__(self, head: list[bytes], rest: Iterator[bytes], owner: object) -> None:
+    A ``rest`` that offers ``sendfile_spans()`` (a fill's or a journal's
+    reader of the body file) is offered as such, after ``head``, to a server
+    that can send file spans without copying them through Python (cachefetch's
+    worker).
+    """
+
+    def __init__(self, head: list[bytes], rest: Iterable[bytes], owner: object) -> None:
+        self._head = head
         self._chunks = itertools.chain(head, rest)
         self._rest = rest
         self._owner = owner
+        if callable(getattr(rest, "sendfile_spans", None)):
+            self.sendfile_spans = self._spans
+
+    def _spans(self) -> Iterator[tuple[int, int, int] | bytes]:
+        yield from self._head
+        yield from self._rest.sendfile_spans()  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[bytes]:
         return self._chunks

@@ -100,10 +100,16 @@ def _answer(ctx: Context, environ: WSGIEnviron, start_response: StartResponse, f
     try:
         if fill is not None and fill.caching:  # our own process fetches it: be woken, not poll
             reader = fill.reader(start, stop, deadline)
-            body = iter(reader)
+            try:
+                reader.wait_ready()
+            except BaseException:
+                reader.close()
+                raise
+            # No byte taken yet: the server may send the body from the file (sendfile_spans).
+            body, ready = reader, []
         else:
             body = follow.body(head.body, deadline, start, stop)
-        first = next(body, b"")
+            ready = [next(body, b"")]
     except FileNotFoundError:  # committed or discarded since: be a hit, or lead, unless the fetch failed
         follow.wait_released(deadline)
         final = follow.journal().final
@@ -118,7 +124,7 @@ def _answer(ctx: Context, environ: WSGIEnviron, start_response: StartResponse, f
             return _failed(ctx, environ, start_response, final, stale, request)
         raise Retry() from None
     client(line, headers)
-    return Prepended([first], body, follow)
+    return Prepended(ready, body, follow)
 
 
 def _failed(ctx: Context, environ: WSGIEnviron, start_response: StartResponse, final: FailedRecord,
