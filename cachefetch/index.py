@@ -126,8 +126,9 @@ class Index(Protocol):
 
 
 #: Schema version (``PRAGMA user_version``): 2 added running totals, blob
-#: reference counts and the eviction queues.
-_VERSION = 2
+#: reference counts and the eviction queues; 3 dropped the index of entries
+#: by hash (see :data:`_V3`).
+_VERSION = 3
 #: What a row costs in its eviction queue besides its body: an estimate of an
 #: entry's own footprint in the index (key, headers and its index entries).
 #: It lets an entry whose blob is shared (every 404 shares one) weigh
@@ -149,7 +150,6 @@ CREATE TABLE IF NOT EXISTS entries (
     last_used REAL NOT NULL,
     PRIMARY KEY (key, variant)
 );
-CREATE INDEX IF NOT EXISTS entries_hash ON entries(hash);
 """
 # Added by version 2 (to a version 1 table by ALTER TABLE, hence defaults).
 _QUEUE_COLUMNS = ("queue INTEGER NOT NULL DEFAULT 0", "seq INTEGER NOT NULL DEFAULT 0",
@@ -256,6 +256,14 @@ INSERT OR REPLACE INTO totals
 INSERT OR REPLACE INTO queues
     SELECT {PENDING}, COUNT(*), COALESCE(SUM(size + {ROW_WEIGHT}), 0) FROM entries;
 """
+# Version 3: no index of entries by hash. Only verify looked entries up by
+# hash (one scan for all the blobs it found missing or corrupt); every
+# eviction paid for it, a random page of a fifth of the file per victim.
+_V3 = """
+DROP INDEX IF EXISTS entries_hash;
+"""
+
+
 class MaintainedIndex(Index, Protocol):
     """What upkeep (``cachefetch.maintenance``: verify, gc, the size limit, S3-FIFO)
     needs beyond :class:`Index`: running totals, blob accounting and the eviction
@@ -268,8 +276,14 @@ class MaintainedIndex(Index, Protocol):
     def delete_hash(self, h: Hash) -> int:
         """Remove every entry that points at blob ``h``."""
 
+    def delete_hashes(self, hashes: Iterable[Hash]) -> int:
+        """Remove every entry that points at any of ``hashes`` (one scan)."""
+
     def known(self, h: Hash) -> bool:
         """Whether the index accounts for blob ``h``."""
+
+    def known_among(self, hashes: Iterable[Hash]) -> set[Hash]:
+        """Those of ``hashes`` the index accounts for."""
 
     def unreferenced_blobs(self, before: float, limit: int = 1000) -> list[tuple[Hash, int]]:
         """Blobs no entry has pointed at since before ``before``."""
@@ -279,6 +293,9 @@ class MaintainedIndex(Index, Protocol):
 
     def keys_for(self, h: Hash) -> list[tuple[str, str]]:
         """``(key, variant)`` of every entry pointing at ``h``."""
+
+    def naming(self, hashes: Iterable[Hash]) -> list[tuple[str, str, Hash]]:
+        """``(key, variant, hash)`` of every entry pointing at any of ``hashes`` (one scan)."""
 
     def forget_blob(self, h: Hash) -> bool:
         """Stop counting blob ``h`` (its file is gone)."""
@@ -473,23 +490,32 @@ def _migrate(db: sqlite3.Connection) -> None:
         if version > _VERSION:
             raise sqlite3.DatabaseError(f"index schema version {version} is newer than this cachefetch's "
                                         f"({_VERSION})")
+        if version < 2:
+            _to_version_2(db)
+        if version < 3:
+            _run_script(db, _V3)
         if version < _VERSION:
-            fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is None
-            _run_script(db, _TABLES)
-            have = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
-            for column in _QUEUE_COLUMNS:
-                if column.split()[0] not in have:
-                    db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
-            _run_script(db, _V2)
-            db.execute("INSERT OR IGNORE INTO totals VALUES (0, 0, 0, 0, 0)")
-            if not fresh:
-                _run_script(db, _BACKFILL)
-            _run_script(db, _TRIGGERS)
             db.execute(f"PRAGMA user_version = {_VERSION}")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _to_version_2(db: sqlite3.Connection) -> None:
+    """Create the tables (a new index) or add the totals, blob counts and
+    eviction queues to a version 1 index, counting what it holds once."""
+    fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is None
+    _run_script(db, _TABLES)
+    have = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+    for column in _QUEUE_COLUMNS:
+        if column.split()[0] not in have:
+            db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
+    _run_script(db, _V2)
+    db.execute("INSERT OR IGNORE INTO totals VALUES (0, 0, 0, 0, 0)")
+    if not fresh:
+        _run_script(db, _BACKFILL)
+    _run_script(db, _TRIGGERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -761,12 +787,20 @@ class SQLiteIndex:
         self._changed()
         return gone
 
-    @_healing
     def delete_hash(self, h: Hash) -> int:
-        """Remove every entry that points at blob ``h``; returns how many."""
+        """Remove every entry that points at blob ``h``; returns how many
+        (a scan of the entries: :meth:`delete_hashes` for many blobs)."""
+        return self.delete_hashes([h])
+
+    @_healing
+    def delete_hashes(self, hashes: Iterable[Hash]) -> int:
+        """Remove every entry that points at any of ``hashes``, in one scan of
+        the entries (there is no index by hash); returns how many went."""
         self._settle()
-        gone = self._connect().execute("DELETE FROM entries WHERE hash = ?", (h.hex,)).rowcount
-        self._changed()
+        gone = self._connect().execute(f"DELETE FROM entries WHERE hash IN {_HEX_LIST}",
+                                       (_hex_list(hashes),)).rowcount
+        if gone:
+            self._changed()
         return gone
 
     @_healing
@@ -853,6 +887,18 @@ class SQLiteIndex:
         return self._connect().execute("SELECT 1 FROM blobs WHERE hash = ?", (h.hex,)).fetchone() is not None
 
     @_confirmed
+    def known_among(self, hashes: Iterable[Hash]) -> set[Hash]:
+        """Those of ``hashes`` the index accounts for (as :meth:`known`), one
+        statement per few hundred."""
+        db = self._connect()
+        by_hex = {h.hex: h for h in hashes}
+        known: set[Hash] = set()
+        for chunk in _chunks(list(by_hex)):
+            rows = db.execute(f"SELECT hash FROM blobs WHERE hash IN ({','.join('?' * len(chunk))})", chunk)
+            known.update(by_hex[hexhash] for (hexhash,) in rows)
+        return known
+
+    @_confirmed
     def unreferenced_blobs(self, before: float, limit: int = 1000) -> list[tuple[Hash, int]]:
         """``(hash, size)`` of up to ``limit`` blobs no entry has pointed at
         since before ``before``, longest unreferenced first."""
@@ -867,10 +913,21 @@ class SQLiteIndex:
         rows = self._connect().execute("SELECT hash FROM blobs WHERE refs > 0").fetchall()
         return (Hash.from_hex(h) for (h,) in rows)
 
-    @_confirmed
     def keys_for(self, h: Hash) -> list[tuple[str, str]]:
-        """``(key, variant)`` of every entry pointing at blob ``h``."""
-        return self._connect().execute("SELECT key, variant FROM entries WHERE hash = ?", (h.hex,)).fetchall()
+        """``(key, variant)`` of every entry pointing at blob ``h`` (a scan
+        of the entries: :meth:`naming` for many blobs)."""
+        return [(key, variant) for key, variant, _ in self.naming([h])]
+
+    @_confirmed
+    def naming(self, hashes: Iterable[Hash]) -> list[tuple[str, str, Hash]]:
+        """``(key, variant, hash)`` of every entry pointing at any of
+        ``hashes``, in one scan of the entries (there is no index by hash)."""
+        by_hex = {h.hex: h for h in hashes}
+        if not by_hex:
+            return []
+        rows = self._connect().execute(f"SELECT key, variant, hash FROM entries WHERE hash IN {_HEX_LIST}",
+                                       (_hex_list(by_hex.values()),)).fetchall()
+        return [(key, variant, by_hex[hexhash]) for key, variant, hexhash in rows]
 
     @_confirmed
     def forget_blob(self, h: Hash) -> bool:
@@ -1013,6 +1070,15 @@ _PAGE = 512
 _IN_CHUNK = 500
 #: Where :class:`_Pass` records an entry it removed.
 _REMOVED = -1
+
+
+#: A set of hashes bound as one JSON array (``_hex_list``): SQLite makes it
+#: a lookup table once, so a scan of the entries tests each row in O(1).
+_HEX_LIST = "(SELECT value FROM json_each(?))"
+
+
+def _hex_list(hashes: Iterable[Hash]) -> str:
+    return json.dumps(sorted({h.hex for h in hashes}))
 
 
 def _chunks(values: list, size: int = _IN_CHUNK) -> Iterator[list]:
