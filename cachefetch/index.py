@@ -259,8 +259,41 @@ INSERT OR REPLACE INTO queues
 # Version 3: no index of entries by hash. Only verify looked entries up by
 # hash (one scan for all the blobs it found missing or corrupt); every
 # eviction paid for it, a random page of a fifth of the file per victim.
-_V3 = """
+#
+# And the triggers an eviction fires once per victim stand aside while
+# ``eviction.bulk`` is 1: the eviction's own statements then keep the same
+# counts once per batch (:class:`_Bulk`). Only the writer holding the lock
+# can see a 1 (it is set and cleared inside one transaction, so a rollback
+# or a crash leaves 0), so for every other writer the triggers run as before.
+_SOLO = "(SELECT bulk FROM eviction) = 0"
+_V3 = f"""
 DROP INDEX IF EXISTS entries_hash;
+ALTER TABLE eviction ADD COLUMN bulk INTEGER NOT NULL DEFAULT 0;
+DROP TRIGGER IF EXISTS entry_removed;
+CREATE TRIGGER entry_removed AFTER DELETE ON entries WHEN {_SOLO} BEGIN
+    UPDATE blobs SET refs = refs - 1, unreferenced_since = {_NOW} WHERE hash = old.hash;
+    UPDATE totals SET entries = entries - 1;
+    UPDATE queues SET entries = entries - 1, bytes = bytes - old.size - {ROW_WEIGHT} WHERE queue = old.queue;
+END;
+DROP TRIGGER IF EXISTS blob_unreferenced;
+CREATE TRIGGER blob_unreferenced AFTER UPDATE OF refs ON blobs
+WHEN old.refs > 0 AND new.refs <= 0 AND {_SOLO} BEGIN
+    UPDATE totals SET blob_bytes = blob_bytes - new.size, orphan_bytes = orphan_bytes + new.size;
+END;
+DROP TRIGGER IF EXISTS blob_removed;
+CREATE TRIGGER blob_removed AFTER DELETE ON blobs WHEN {_SOLO} BEGIN
+    UPDATE totals SET blobs = blobs - 1,
+        blob_bytes = blob_bytes - CASE WHEN old.refs > 0 THEN old.size ELSE 0 END,
+        orphan_bytes = orphan_bytes - CASE WHEN old.refs > 0 THEN 0 ELSE old.size END;
+END;
+DROP TRIGGER IF EXISTS ghost_added;
+CREATE TRIGGER ghost_added AFTER INSERT ON ghost WHEN {_SOLO} BEGIN
+    UPDATE eviction SET ghost_bytes = ghost_bytes + new.weight;
+END;
+DROP TRIGGER IF EXISTS ghost_removed;
+CREATE TRIGGER ghost_removed AFTER DELETE ON ghost WHEN {_SOLO} BEGIN
+    UPDATE eviction SET ghost_bytes = ghost_bytes - old.weight;
+END;
 """
 
 
@@ -310,6 +343,10 @@ class MaintainedIndex(Index, Protocol):
         """A context manager: one write transaction (``large``: one that
         changes many pages, kept in memory until the commit)."""
 
+    def large_transactions(self) -> Any:
+        """A context manager: the transactions within may each change many
+        pages (kept in memory until each commit)."""
+
     def queues(self) -> Any:
         """The eviction queues' state (``cachefetch.eviction``)."""
 
@@ -320,7 +357,7 @@ class MaintainedIndex(Index, Protocol):
 _GENERATION_SIZE = 16
 _MEMO_SLOTS = 4096
 _COLUMNS = "key, variant, hash, size, status, headers, stored_at, expires_at, vary, initial_age"
-_ITEM_COLUMNS = "key, variant, size, queue, freq, last_used, hash"
+_ITEM_COLUMNS = "key, variant, size, queue, freq, last_used, hash, rowid"
 _UPSERT = (f"INSERT INTO entries ({_COLUMNS}, last_used) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
            "ON CONFLICT (key, variant) DO UPDATE SET hash = excluded.hash, size = excluded.size, "
            "status = excluded.status, headers = excluded.headers, stored_at = excluded.stored_at, "
@@ -410,9 +447,9 @@ def _entry(row: tuple) -> Entry:
 
 
 def _item(row: tuple) -> Item:
-    key, variant, size, queue, freq, last_used, hexhash = row
+    key, variant, size, queue, freq, last_used, hexhash, rowid = row
     # The index wrote the hex itself (Hash.from_hex's checks cost more than the rest of a row).
-    return Item((key, variant), size + ROW_WEIGHT, queue, freq, last_used, Hash(bytes.fromhex(hexhash)))
+    return Item((key, variant), size + ROW_WEIGHT, queue, freq, last_used, Hash(bytes.fromhex(hexhash)), rowid)
 
 
 def _retry_locked(db: sqlite3.Connection, timeout: float, step) -> None:
@@ -944,11 +981,10 @@ class SQLiteIndex:
         self._settle()
         db = self._connect()
         by_hex = {h.hex: h for h in hashes}
-        gone: list[Hash] = []
-        for chunk in _chunks(list(by_hex)):
-            rows = db.execute(f"DELETE FROM blobs WHERE refs <= 0 AND hash IN ({','.join('?' * len(chunk))}) "
-                              "RETURNING hash", chunk).fetchall()
-            gone.extend(by_hex[hexhash] for (hexhash,) in rows)
+        if not by_hex:
+            return []
+        with _Bulk(db) as bulk:
+            gone = [by_hex[hexhash] for hexhash in bulk.forget_orphans(list(by_hex))]
         txn = getattr(self._local, "txn", None)
         if txn is not None:
             txn.left_queues_alone()
@@ -976,40 +1012,60 @@ class SQLiteIndex:
         What the eviction queues owe is written before the commit; other
         processes learn of entries they removed once it is done.
 
-        :param large: the block changes many pages (an eviction batch): keep
-            them all in memory until the commit instead of spilling them to
-            the file, which syncs the journal at each spill and locks readers
-            out from the first one on; and keep each statement's own journal
-            (every row deleted under triggers has one) in memory rather than
-            in a temporary file. The memory is released afterwards.
+        :param large: the block changes many pages (an eviction batch): as
+            under :meth:`large_transactions`, for this one transaction.
         """
-        db = self._connect()
         if large:
-            default_cache = db.execute("PRAGMA cache_size").fetchone()[0]
-            db.execute(f"PRAGMA cache_size = {-_LARGE_CACHE_KIB}")
-            db.execute("PRAGMA cache_spill = OFF")
-            db.execute("PRAGMA temp_store = MEMORY")
+            with self.large_transactions():
+                with self.transaction():
+                    yield
+            return
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        txn = self._local.txn = _Transaction(db)
         try:
-            db.execute("BEGIN IMMEDIATE")
-            txn = self._local.txn = _Transaction(db)
-            try:
-                yield
-                txn.settle()
-            except BaseException:
-                self._local.txn = None
-                db.execute("ROLLBACK")
-                raise
+            yield
+            txn.settle()
+        except BaseException:
             self._local.txn = None
-            db.execute("COMMIT")
-        finally:
-            if large:
-                db.execute(f"PRAGMA cache_size = {default_cache}")
-                db.execute("PRAGMA cache_spill = ON")
-                db.execute("PRAGMA temp_store = DEFAULT")
-                db.execute("PRAGMA shrink_memory")
+            db.execute("ROLLBACK")
+            raise
+        self._local.txn = None
+        db.execute("COMMIT")
         self._confirm(self._local)  # (what it removed from a moved file must not be acted on)
         if txn.removed:
             self._changed()
+
+    @contextlib.contextmanager
+    def large_transactions(self) -> Iterator[None]:
+        """Within the block, this thread's transactions may change many pages
+        (the batches of an eviction pass): they keep them all in memory until
+        the commit instead of spilling them to the file, which syncs the
+        journal at each spill and locks readers out from the first one on;
+        they keep each statement's own journal in memory rather than in a
+        temporary file; and the pages read by one batch stay cached for the
+        next (the b-trees' upper levels, and leaves it touches again). The
+        memory is released afterwards.
+        """
+        db = self._connect()
+        if getattr(self._local, "large", False):
+            yield
+            return
+        default_cache = db.execute("PRAGMA cache_size").fetchone()[0]
+        db.execute(f"PRAGMA cache_size = {-_LARGE_CACHE_KIB}")
+        db.execute("PRAGMA cache_spill = OFF")
+        db.execute("PRAGMA temp_store = MEMORY")
+        self._local.large = True
+        try:
+            yield
+        finally:
+            self._local.large = False
+            if getattr(self._local, "db", None) is not db:
+                return  # it was dropped (and closed) meanwhile: nothing to put back
+            db.execute(f"PRAGMA cache_size = {default_cache}")
+            db.execute("PRAGMA cache_spill = ON")
+            db.execute("PRAGMA temp_store = DEFAULT")
+            db.execute("PRAGMA shrink_memory")
 
     def _settle(self) -> None:
         """Inside a transaction: write what the eviction queues owe, so that
@@ -1068,6 +1124,8 @@ def _ghost_id(key: str, variant: str) -> int:
 _PAGE = 512
 #: Ids per ``IN (...)`` list (well under SQLite's limit on bound parameters).
 _IN_CHUNK = 500
+#: Ids per ``IN (...)`` list of a bulk removal (SQLite binds up to 32,766).
+_BULK_CHUNK = 4096
 #: Where :class:`_Pass` records an entry it removed.
 _REMOVED = -1
 
@@ -1110,6 +1168,121 @@ class _Transaction:
             self.queues.changes = self.db.total_changes
 
 
+class _Bulk:
+    """Inside a write transaction, with the per-row triggers standing aside
+    (``eviction.bulk``, see :data:`_V3`): removals of entries, blob rows
+    and ghost ids that keep the totals, blob reference counts, queue sizes
+    and the ghost's size themselves, a few statements per batch (the totals
+    and the ghost's size are written once, on leaving).
+
+    :raises RuntimeError: if entered outside a transaction (the flag must
+        never be committed).
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        # What the leaving writes: entries, blobs, blob_bytes, orphan_bytes, ghost_bytes.
+        self.change = [0, 0, 0, 0, 0]
+
+    def __enter__(self) -> "_Bulk":
+        if not self.db.in_transaction:
+            raise RuntimeError("bulk removals need a write transaction")
+        self.db.execute("UPDATE eviction SET bulk = 1")
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        entries, blobs, blob_bytes, orphan_bytes, ghost_bytes = self.change
+        if kind is None and (entries or blobs or blob_bytes or orphan_bytes):
+            self.db.execute("UPDATE totals SET entries = entries + ?, blobs = blobs + ?, "
+                            "blob_bytes = blob_bytes + ?, orphan_bytes = orphan_bytes + ?",
+                            (entries, blobs, blob_bytes, orphan_bytes))
+        # (On an error the transaction is rolled back, the flag with it; it is
+        # cleared anyway, so that a caller that goes on never commits a 1.)
+        self.db.execute("UPDATE eviction SET bulk = 0, ghost_bytes = ghost_bytes + ?",
+                        (ghost_bytes if kind is None else 0,))
+
+    def remove_entries(self, removes: dict[Hashable, tuple[float, int | None]]) -> int:
+        """Delete the entries ``{(key, variant): (last_used, rowid)}`` still
+        unused since (an item read in an earlier transaction, a page of LRU,
+        may have been used since); returns how many went."""
+        rows = self._still_unused(removes)
+        if not rows:
+            return 0
+        db = self.db
+        for chunk in _chunks([rowid for rowid, _, _, _ in rows], _BULK_CHUNK):
+            db.execute(f"DELETE FROM entries WHERE rowid IN ({','.join('?' * len(chunk))})", chunk)
+        queues: dict[int, list[int]] = {}
+        refs: dict[str, int] = {}
+        for _, queue, size, hexhash in rows:
+            tally = queues.setdefault(queue, [0, 0])
+            tally[0] += 1
+            tally[1] += size + ROW_WEIGHT
+            refs[hexhash] = refs.get(hexhash, 0) + 1
+        db.executemany("UPDATE queues SET entries = entries - ?, bytes = bytes - ? WHERE queue = ?",
+                       [(n, weight, queue) for queue, (n, weight) in queues.items()])
+        self.change[0] -= len(rows)
+        self._unreference(refs)
+        return len(rows)
+
+    def _still_unused(self, removes: dict[Hashable, tuple[float, int | None]]) -> list[tuple[int, int, int, str]]:
+        """``(rowid, queue, size, hash)`` of the entries of ``removes`` as
+        they were chosen (same key and variant at that rowid, same last use)."""
+        db = self.db
+        by_row = {row: (id, used) for id, (used, row) in removes.items() if row is not None}
+        found = []
+        for chunk in _chunks(list(by_row), _BULK_CHUNK):
+            found += db.execute("SELECT rowid, key, variant, last_used, queue, size, hash FROM entries "
+                                f"WHERE rowid IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        rows = [(rowid, queue, size, hexhash) for rowid, key, variant, used, queue, size, hexhash in found
+                if by_row[rowid] == ((key, variant), used)]
+        for (key, variant), (used, row) in removes.items():
+            if row is None:  # an item made elsewhere: found by its key
+                rows += db.execute("SELECT rowid, queue, size, hash FROM entries WHERE key = ? AND variant = ? "
+                                   "AND last_used = ?", (key, variant, used)).fetchall()
+        return rows
+
+    def _unreference(self, refs: dict[str, int]) -> None:
+        """Count ``refs[hash]`` fewer entries pointing at each blob; one left
+        with none is unreferenced from now (for gc, or forget_orphans)."""
+        db = self.db
+        by_count: dict[int, list[str]] = {}
+        for hexhash, n in refs.items():
+            by_count.setdefault(n, []).append(hexhash)
+        now, freed = time.time(), 0
+        for n, hexes in by_count.items():
+            for chunk in _chunks(hexes, _BULK_CHUNK):
+                freed += sum(size for left, size in db.execute(
+                    "UPDATE blobs SET refs = refs - ?, unreferenced_since = CASE WHEN refs <= ? THEN ? "
+                    f"ELSE unreferenced_since END WHERE hash IN ({','.join('?' * len(chunk))}) "
+                    "RETURNING refs, size", (n, n, now, *chunk)) if left <= 0)
+        self.change[2] -= freed
+        self.change[3] += freed
+
+    def forget_orphans(self, hexes: list[str]) -> list[str]:
+        """Delete the rows of those blobs of ``hexes`` no entry points at;
+        returns their hashes."""
+        gone: list[str] = []
+        for chunk in _chunks(hexes, _BULK_CHUNK):
+            for hexhash, size in self.db.execute(
+                    f"DELETE FROM blobs WHERE refs <= 0 AND hash IN ({','.join('?' * len(chunk))}) "
+                    "RETURNING hash, size", chunk).fetchall():
+                gone.append(hexhash)
+                self.change[3] -= size
+        self.change[1] -= len(gone)
+        return gone
+
+    def change_ghost(self, forgotten: set[int], added: dict[int, tuple[int, int]]) -> None:
+        """Forget the ghost ids ``forgotten`` and add ``added`` ({id: (seq,
+        weight)}), keeping the ghost's size."""
+        db = self.db
+        for chunk in _chunks(list(forgotten), _BULK_CHUNK):
+            self.change[4] -= sum(weight for (weight,) in db.execute(
+                f"DELETE FROM ghost WHERE id IN ({','.join('?' * len(chunk))}) RETURNING weight", chunk).fetchall())
+        if added:
+            db.executemany("INSERT INTO ghost VALUES (?, ?, ?)", [(g, seq, w) for g, (seq, w) in added.items()])
+            self.change[4] += sum(w for _, w in added.values())
+
+
 class _Page:
     """The first items of a queue, in order, as read (less those moved since)."""
 
@@ -1148,7 +1321,7 @@ class _Pass:
         self.gids: dict[Hashable, int] = {}  # item id -> ghost id, as learn_ghost worked them out
         # Owed.
         self.pushes: dict[Hashable, tuple[int, int, int]] = {}  # id -> (queue, seq, freq)
-        self.removes: dict[Hashable, float] = {}  # id -> last_used when chosen
+        self.removes: dict[Hashable, tuple[float, int | None]] = {}  # id -> (last_used when chosen, rowid)
         self.ghost_forgotten: set[int] = set()
         self.ghost_added: dict[int, tuple[int, int]] = {}  # ghost id -> (seq, weight)
         self.row_dirty = False
@@ -1182,18 +1355,11 @@ class _Pass:
         if self.pushes:
             db.executemany("UPDATE entries SET queue = ?, seq = ?, freq = ? WHERE key = ? AND variant = ?",
                            [(q, seq, freq, key, variant) for (key, variant), (q, seq, freq) in self.pushes.items()])
-        if self.removes:
-            # Only if unused since it was chosen: an item read in an earlier
-            # transaction (a page of LRU) may have been used since.
-            db.executemany("DELETE FROM entries WHERE key = ? AND variant = ? AND last_used = ?",
-                           [(key, variant, used) for (key, variant), used in self.removes.items()])
-            if self.txn is not None:
-                self.txn.removed = True
-        if self.ghost_forgotten:
-            db.executemany("DELETE FROM ghost WHERE id = ?", [(g,) for g in self.ghost_forgotten])
-        if self.ghost_added:
-            db.executemany("INSERT INTO ghost VALUES (?, ?, ?)",
-                           [(g, seq, weight) for g, (seq, weight) in self.ghost_added.items()])
+        if self.removes or self.ghost_forgotten or self.ghost_added:
+            with _Bulk(db) as bulk:
+                if self.removes and bulk.remove_entries(self.removes) and self.txn is not None:
+                    self.txn.removed = True
+                bulk.change_ghost(self.ghost_forgotten, self.ghost_added)
         if self.row_dirty:
             next_seq, _, been_full = self.row
             db.execute("UPDATE eviction SET next_seq = ?, been_full = ?", (next_seq, been_full))
@@ -1388,7 +1554,7 @@ class SQLiteQueues:
             return
         p.moved_item(item, _REMOVED)
         p.pushes.pop(item.id, None)
-        p.removes[item.id] = item.last_used
+        p.removes[item.id] = (item.last_used, item.row)
 
     def queue_bytes(self, queue: int) -> int:
         return self._pass().count(queue)[1]

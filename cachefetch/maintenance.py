@@ -333,15 +333,18 @@ def _evict(store: CAFS, index: MaintainedIndex, evictor: Policy, max_size: int, 
 
     victims = evictor.victims(index.queues(), can_evict=can_evict if busy else always, protect_from=protect_from)
     evicted = 0
-    with ThreadPoolExecutor(_UNLINKERS, thread_name_prefix="cachefetch-evict") as unlinkers:
+    # One thread looks at the index (one reader: readers hold up the commits),
+    # the pool unlinks what it found forgotten still.
+    with ThreadPoolExecutor(_UNLINKERS, thread_name_prefix="cachefetch-unlink") as unlinkers, \
+            ThreadPoolExecutor(1, thread_name_prefix="cachefetch-evict") as checker, \
+            index.large_transactions():
         removals = []
         while True:
-            with index.transaction(large=True):
+            with index.transaction():
                 batch = _take_victims(victims, excess, unforgotten)
                 forget()
             evicted += len(batch)
-            removals.extend(unlinkers.submit(_delete_blobs, store, index, forgotten[start:start + _UNLINK_BATCH])
-                            for start in range(0, len(forgotten), _UNLINK_BATCH))
+            removals.append(checker.submit(_delete_blobs, store, index, forgotten[:], unlinkers))
             forgotten.clear()
             if len(batch) < _EVICT_BATCH or excess() <= 0:
                 break
@@ -371,16 +374,19 @@ def _take_victims(victims: Iterator[Item], excess: Callable[[], int], taken: lis
     return batch
 
 
-def _delete_blobs(store: CAFS, index: MaintainedIndex, hashes: list[Hash]) -> int:
+def _delete_blobs(store: CAFS, index: MaintainedIndex, hashes: list[Hash],
+                  unlinkers: ThreadPoolExecutor | None = None) -> int:
     """Remove the files of ``hashes`` the index has not come to know again
     since they were forgotten (a put of the same content meanwhile found the
-    file and named it); returns how many were removed."""
+    file and named it), on the ``unlinkers`` threads if given; returns how
+    many were removed."""
     removed = 0
     # A look per few hundred files, each just before their unlinks.
     for start in range(0, len(hashes), _UNLINK_BATCH):
         chunk = hashes[start:start + _UNLINK_BATCH]
         known = index.known_among(chunk)
-        removed += sum(store.delete(h) for h in chunk if h not in known)
+        gone = [h for h in chunk if h not in known]
+        removed += sum(map(store.delete, gone) if unlinkers is None else unlinkers.map(store.delete, gone))
     return removed
 
 
