@@ -45,7 +45,7 @@ _BATCH = 256
 #: store) and the batch's pages fit the large transaction's page cache.
 _EVICT_BATCH = 4096
 #: Files unlinked per look at the index (whether a put named one again).
-_UNLINK_BATCH = 256
+_UNLINK_BATCH = 512
 #: Threads unlinking a pass's files. An unlink of a file with data waits on
 #: the file system (ext4 here: ~80 us of wall time to ~15 us of CPU); waits
 #: on several threads overlap (20,000 files: 1.6 s on one thread, 0.4 s on 8).
@@ -386,8 +386,17 @@ def _delete_blobs(store: CAFS, index: MaintainedIndex, hashes: list[Hash],
         chunk = hashes[start:start + _UNLINK_BATCH]
         known = index.known_among(chunk)
         gone = [h for h in chunk if h not in known]
-        removed += sum(map(store.delete, gone) if unlinkers is None else unlinkers.map(store.delete, gone))
+        if unlinkers is None:
+            removed += _unlink(store, gone)
+        else:  # a share of the chunk per thread (a task per file costs more than its unlink)
+            removed += sum(f.result() for f in [unlinkers.submit(_unlink, store, gone[k::_UNLINKERS])
+                                                for k in range(_UNLINKERS)])
     return removed
+
+
+def _unlink(store: CAFS, hashes: list[Hash]) -> int:
+    """Remove the files of ``hashes``; returns how many were there."""
+    return sum(store.delete(h) for h in hashes)
 
 
 def _open_blob_names(store: CAFS) -> set[str]:
