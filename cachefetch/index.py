@@ -339,9 +339,11 @@ class MaintainedIndex(Index, Protocol):
     def purge_expired(self, before: float, limit: int = 1000) -> int:
         """Delete entries that expired before ``before``."""
 
-    def transaction(self, *, large: bool = False) -> Any:
+    def transaction(self, *, large: bool = False, forget_blobs: bool = False) -> Any:
         """A context manager: one write transaction (``large``: one that
-        changes many pages, kept in memory until the commit)."""
+        changes many pages, kept in memory until the commit; ``forget_blobs``:
+        the blobs its evictions leave unreferenced are forgotten at once, and
+        :meth:`forget_unreferenced` reports them)."""
 
     def large_transactions(self) -> Any:
         """A context manager: the transactions within may each change many
@@ -981,11 +983,14 @@ class SQLiteIndex:
         self._settle()
         db = self._connect()
         by_hex = {h.hex: h for h in hashes}
-        if not by_hex:
-            return []
-        with _Bulk(db) as bulk:
-            gone = [by_hex[hexhash] for hexhash in bulk.forget_orphans(list(by_hex))]
         txn = getattr(self._local, "txn", None)
+        gone: list[Hash] = []
+        if txn is not None and txn.forgotten:  # forgotten already, by the queues' removals
+            gone = [by_hex.pop(hexhash) for hexhash in list(by_hex) if hexhash in txn.forgotten]
+            txn.forgotten.difference_update(h.hex for h in gone)
+        if by_hex:
+            with _Bulk(db) as bulk:
+                gone += [by_hex[hexhash] for hexhash in bulk.forget_orphans(list(by_hex))]
         if txn is not None:
             txn.left_queues_alone()
         return gone
@@ -1006,7 +1011,7 @@ class SQLiteIndex:
         return gone
 
     @contextlib.contextmanager
-    def transaction(self, *, large: bool = False) -> Iterator[None]:
+    def transaction(self, *, large: bool = False, forget_blobs: bool = False) -> Iterator[None]:
         """Run the block as one write transaction on this thread's connection
         (taken at once, so reads inside see what the writes will change).
         What the eviction queues owe is written before the commit; other
@@ -1014,15 +1019,21 @@ class SQLiteIndex:
 
         :param large: the block changes many pages (an eviction batch): as
             under :meth:`large_transactions`, for this one transaction.
+        :param forget_blobs: a blob no entry points at any more once the
+            eviction queues removed an entry is forgotten at once (one write
+            of its row, not an update now and a delete later), as
+            :meth:`forget_unreferenced` would; that reports it. The caller
+            removes the files after the commit. Without it, such blobs stay
+            counted as unreferenced, for gc to remove after its grace.
         """
         if large:
             with self.large_transactions():
-                with self.transaction():
+                with self.transaction(forget_blobs=forget_blobs):
                     yield
             return
         db = self._connect()
         db.execute("BEGIN IMMEDIATE")
-        txn = self._local.txn = _Transaction(db)
+        txn = self._local.txn = _Transaction(db, forget_blobs)
         try:
             yield
             txn.settle()
@@ -1149,12 +1160,15 @@ class _Transaction:
     the writes the eviction queues owe it land before it commits, and other
     processes are told of removed entries once it has."""
 
-    __slots__ = ("db", "queues", "removed")
+    __slots__ = ("db", "queues", "removed", "forgotten")
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, forget_blobs: bool = False) -> None:
         self.db = db
         self.queues: _Pass | None = None
         self.removed = False
+        #: With ``forget_blobs``: the hashes (hex) of blobs the queues' removals
+        #: left unreferenced and forgot, until forget_unreferenced reports them.
+        self.forgotten: set[str] | None = set() if forget_blobs else None
 
     def settle(self) -> None:
         """Write what is owed (before any other read or write of entries)."""
@@ -1201,10 +1215,12 @@ class _Bulk:
         self.db.execute("UPDATE eviction SET bulk = 0, ghost_bytes = ghost_bytes + ?",
                         (ghost_bytes if kind is None else 0,))
 
-    def remove_entries(self, removes: dict[Hashable, tuple[float, int | None]]) -> int:
+    def remove_entries(self, removes: dict[Hashable, tuple[float, int | None]],
+                       forgotten: set[str] | None = None) -> int:
         """Delete the entries ``{(key, variant): (last_used, rowid)}`` still
         unused since (an item read in an earlier transaction, a page of LRU,
-        may have been used since); returns how many went."""
+        may have been used since); returns how many went. With ``forgotten``,
+        the blobs they leave unreferenced are forgotten, their hashes added."""
         rows = self._still_unused(removes)
         if not rows:
             return 0
@@ -1221,7 +1237,10 @@ class _Bulk:
         db.executemany("UPDATE queues SET entries = entries - ?, bytes = bytes - ? WHERE queue = ?",
                        [(n, weight, queue) for queue, (n, weight) in queues.items()])
         self.change[0] -= len(rows)
-        self._unreference(refs)
+        if forgotten is None:
+            self._unreference(refs)
+        else:
+            forgotten.update(self._forget_unreferenced(refs))
         return len(rows)
 
     def _still_unused(self, removes: dict[Hashable, tuple[float, int | None]]) -> list[tuple[int, int, int, str]]:
@@ -1257,6 +1276,29 @@ class _Bulk:
                     "RETURNING refs, size", (n, n, now, *chunk)) if left <= 0)
         self.change[2] -= freed
         self.change[3] += freed
+
+    def _forget_unreferenced(self, refs: dict[str, int]) -> list[str]:
+        """Count ``refs[hash]`` fewer entries pointing at each blob; forget
+        those left with none (returned), in one write of their rows."""
+        db = self.db
+        by_count: dict[int, list[str]] = {}
+        for hexhash, n in refs.items():
+            by_count.setdefault(n, []).append(hexhash)
+        gone: list[str] = []
+        for n, hexes in by_count.items():
+            for chunk in _chunks(hexes, _BULK_CHUNK):
+                left = set(chunk)
+                for hexhash, size in db.execute(
+                        f"DELETE FROM blobs WHERE refs <= ? AND hash IN ({','.join('?' * len(chunk))}) "
+                        "RETURNING hash, size", (n, *chunk)).fetchall():
+                    gone.append(hexhash)
+                    left.discard(hexhash)
+                    self.change[2] -= size
+                if left:  # shared with entries that stay
+                    db.execute(f"UPDATE blobs SET refs = refs - ? WHERE hash IN ({','.join('?' * len(left))})",
+                               (n, *left))
+        self.change[1] -= len(gone)
+        return gone
 
     def forget_orphans(self, hexes: list[str]) -> list[str]:
         """Delete the rows of those blobs of ``hexes`` no entry points at;
@@ -1357,7 +1399,8 @@ class _Pass:
                            [(q, seq, freq, key, variant) for (key, variant), (q, seq, freq) in self.pushes.items()])
         if self.removes or self.ghost_forgotten or self.ghost_added:
             with _Bulk(db) as bulk:
-                if self.removes and bulk.remove_entries(self.removes) and self.txn is not None:
+                forgotten = None if self.txn is None else self.txn.forgotten
+                if self.removes and bulk.remove_entries(self.removes, forgotten) and self.txn is not None:
                     self.txn.removed = True
                 bulk.change_ghost(self.ghost_forgotten, self.ghost_added)
         if self.row_dirty:

@@ -128,7 +128,8 @@ def test_the_bulk_flag_is_never_committed(tmp_path):
         index.close()
 
 
-def test_victims_sharing_a_blob_with_survivors_leave_it_counted(cafs):
+@pytest.mark.parametrize("forget_blobs", [False, True], ids=["forgotten-after", "forgotten-at-once"])
+def test_victims_sharing_a_blob_with_survivors_leave_it_counted(cafs, forget_blobs):
     store, index = cafs
     shared = store.put(b"every 404").hash
     for i in range(30):
@@ -139,16 +140,20 @@ def test_victims_sharing_a_blob_with_survivors_leave_it_counted(cafs):
     collect_garbage(store, index, 1 << 50)  # admits them
     queues, lru = index.queues(), LRU(1 << 30, page=7)  # pages that split the junk unevenly
     victims = lru.victims(queues)
-    with index.transaction():
+    with index.transaction(forget_blobs=forget_blobs):
         gone = [next(victims) for _ in range(20)]
         assert index.forget_unreferenced({v.blob for v in gone}) == []
     assert_sound(store, index)
     db = index._connect()
     assert db.execute("SELECT refs FROM blobs WHERE hash = ?", (shared.hex,)).fetchone()[0] == 10
     assert index.usage().blob_bytes == 9 + sum(len(b"body %d" % i) for i in range(10))
-    with index.transaction():
+    with index.transaction(forget_blobs=forget_blobs):
         gone = [next(victims) for _ in range(11)]  # the rest of the junk, and k0
+        if forget_blobs:  # the rows went with the entries
+            u = index.usage()
+            assert (u.blobs, u.orphan_bytes) == (9, 0)
         forgotten = index.forget_unreferenced({v.blob for v in gone})
+        assert index.forget_unreferenced({v.blob for v in gone}) == []  # reported once
     assert sorted(h.hex for h in forgotten) == sorted([shared.hex, hash_bytes(b"body 0").hex])
     u = index.usage()
     assert (u.entries, u.blobs, u.orphan_bytes) == (9, 9, 0)
