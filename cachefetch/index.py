@@ -592,7 +592,9 @@ class SQLiteIndex:
     Each thread of each process gets its own connection (SQLite connections
     must not cross threads or a ``fork``). Triggers keep running totals
     (:meth:`usage`), blob reference counts and the eviction queues' sizes in
-    the same transaction as every change, so they stay exact across processes.
+    the same transaction as every change, so they stay exact across processes
+    (an eviction's removals keep them with a statement per batch instead,
+    in the same transaction too: see :class:`_Bulk`).
 
     The index heals: a connection that fails is dropped and reopened on the
     next call; before and after each use a connection checks that the
@@ -1410,8 +1412,8 @@ class _Pass:
             del self.where[id]
         self.pushes, self.removes, self.ghost_forgotten, self.ghost_added = {}, {}, set(), {}
         self.row_dirty = False
-        # The triggers kept the counts exact; they are read again rather than
-        # trusted (an item read in an earlier transaction may have been stale).
+        # The triggers and _Bulk kept the counts exact; they are read again rather
+        # than trusted (an item read in an earlier transaction may have been stale).
         self._forget_reads()
         self.changes = db.total_changes
 
