@@ -166,13 +166,15 @@ def main() -> int:
             u = index.usage()
             per_entry = (u.index_bytes + u.blob_bytes) / u.entries
             target = u.total - int(per_entry * u.entries * 0.01)
+            # The load the pass meets (after it, the average counts the pass's own unlink threads).
+            load = os.getloadavg()[0]
             t0, cpu0 = time.perf_counter(), time.process_time()
             report = collect_garbage(store, index, target, policy=policy, protect=0)
             took, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             rows.append([f"2 ({policy})", f"evict 1% of the store's bytes ({policy}): "
                          f"{report.evicted_entries:,} entries ({report.evicted_entries / u.entries:.1%} of them), "
                          f"{report.removed_blobs:,} blobs unlinked (CPU {cpu:.2f} s, all threads; load "
-                         f"average {os.getloadavg()[0]:.1f})", f"{took:.2f} s", "< 2 s", met(took < 2.0)])
+                         f"average {load:.1f} before it)", f"{took:.2f} s", "< 2 s", met(took < 2.0)])
             bars.append(Bar(f"evict 1% ({policy}) / 2 s", took / 2.0, 1.0, higher_is_better=False))
 
         # 3. stats
