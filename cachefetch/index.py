@@ -991,8 +991,12 @@ class SQLiteIndex:
             gone = [by_hex.pop(hexhash) for hexhash in list(by_hex) if hexhash in txn.forgotten]
             txn.forgotten.difference_update(h.hex for h in gone)
         if by_hex:
-            with _Bulk(db) as bulk:
-                gone += [by_hex[hexhash] for hexhash in bulk.forget_orphans(list(by_hex))]
+            with contextlib.ExitStack() as outside:
+                if txn is None:  # the rows and the counts commit together
+                    outside.enter_context(self.transaction())
+                    db = self._connect()
+                with _Bulk(db) as bulk:
+                    gone += [by_hex[hexhash] for hexhash in bulk.forget_orphans(list(by_hex))]
         if txn is not None:
             txn.left_queues_alone()
         return gone

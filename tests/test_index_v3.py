@@ -196,3 +196,19 @@ def test_verify_finds_many_missing_blobs_in_one_scan(cafs, monkeypatch):
     assert sorted(e.key for e in index) == sorted(f"k{i}" for i in range(1, 50, 2))
     assert_sound(store, index)
     assert index.usage().blobs == 25
+
+
+def test_forgetting_blobs_outside_a_transaction_commits_rows_and_counts_together(tmp_path):
+    index = SQLiteIndex(tmp_path / "i.sqlite3")
+    h1, h2 = hash_bytes(b"1"), hash_bytes(b"2")
+    try:
+        index.put(Entry("a", "", h1, 3))
+        index.put(Entry("b", "", h2, 4))
+        index.delete("a")
+        assert index.forget_unreferenced([h1, h2]) == [h1]  # h2 is still named
+        db = index._connect()
+        assert not db.in_transaction and db.execute("SELECT bulk FROM eviction").fetchone()[0] == 0
+        u = index.usage()
+        assert (u.blobs, u.blob_bytes, u.orphan_bytes) == (1, 4, 0)
+    finally:
+        index.close()
