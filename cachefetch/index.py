@@ -1216,10 +1216,14 @@ class _Bulk:
             self.db.execute("UPDATE totals SET entries = entries + ?, blobs = blobs + ?, "
                             "blob_bytes = blob_bytes + ?, orphan_bytes = orphan_bytes + ?",
                             (entries, blobs, blob_bytes, orphan_bytes))
-        # (On an error the transaction is rolled back, the flag with it; it is
-        # cleared anyway, so that a caller that goes on never commits a 1.)
-        self.db.execute("UPDATE eviction SET bulk = 0, ghost_bytes = ghost_bytes + ?",
-                        (ghost_bytes if kind is None else 0,))
+        if kind is None:
+            self.db.execute("UPDATE eviction SET bulk = 0, ghost_bytes = ghost_bytes + ?", (ghost_bytes,))
+            return
+        # On an error the transaction is rolled back, the flag with it; it is
+        # cleared anyway, so that a caller that goes on never commits a 1 (and
+        # if SQLite cannot, the transaction is already lost).
+        with contextlib.suppress(sqlite3.Error):
+            self.db.execute("UPDATE eviction SET bulk = 0")
 
     def remove_entries(self, removes: dict[Hashable, tuple[float, int | None]],
                        forgotten: set[str] | None = None) -> int:
