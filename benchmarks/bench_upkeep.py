@@ -4,11 +4,15 @@ Builds a store synthetically with 1,000,000 entries and 1,000,000 tiny blobs
 (rows written in big transactions, blobs as tiny files), then measures:
 
 1. a size check with nothing to evict (``SizeLimiter.check``), goal < 10 ms;
-2. evicting 1% of the entries (S3-FIFO, then LRU), goal < 2 s;
+2. evicting 1% of the store's bytes (S3-FIFO, then LRU; the index's pages
+   count, and a row deleted frees its page's bytes only when the page
+   empties, so it takes more than 1% of the entries), goal < 2 s, the
+   unlinks of the victims' files included;
 3. ``cachefetch stats`` wall time (a new process), goal < 200 ms;
 4. an in-process CacheFetch hit on that store vs a 1,000-entry store, goal ±10%;
 5. ``verify`` throughput on a store of large blobs vs this machine's
-   single-thread BLAKE3 speed in memory (measured in the same run), goal ≥ 0.8×.
+   single-thread BLAKE3 speed in memory (measured in the same run), goal ≥ 0.8×
+   (``--verify-gib 0`` skips it).
 
     python benchmarks/bench_upkeep.py [--entries N] [--verify-gib G] [--dir DIR]
 
@@ -131,7 +135,8 @@ def blake3_speed(buf: bytes, repeat: int = 3) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=1_000_000)
-    parser.add_argument("--verify-gib", type=float, default=10.0, help="size of the verify store (GiB)")
+    parser.add_argument("--verify-gib", type=float, default=10.0,
+                        help="size of the verify store (GiB); 0 skips the verify measurement")
     parser.add_argument("--dir", default="/work" if os.path.isdir("/work") else None)
     args = parser.parse_args()
     interrupt_on(signal.SIGINT, signal.SIGTERM)  # the finally below removes the store
@@ -161,12 +166,15 @@ def main() -> int:
             u = index.usage()
             per_entry = (u.index_bytes + u.blob_bytes) / u.entries
             target = u.total - int(per_entry * u.entries * 0.01)
+            # The load the pass meets (after it, the average counts the pass's own unlink threads).
+            load = os.getloadavg()[0]
             t0, cpu0 = time.perf_counter(), time.process_time()
             report = collect_garbage(store, index, target, policy=policy, protect=0)
             took, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            rows.append([f"2 ({policy})", f"evict 1% of the entries ({policy}): {report.evicted_entries:,} "
-                         f"entries, {report.removed_blobs:,} blobs (CPU {cpu:.2f} s, both threads; load "
-                         f"average {os.getloadavg()[0]:.1f})", f"{took:.2f} s", "< 2 s", met(took < 2.0)])
+            rows.append([f"2 ({policy})", f"evict 1% of the store's bytes ({policy}): "
+                         f"{report.evicted_entries:,} entries ({report.evicted_entries / u.entries:.1%} of them), "
+                         f"{report.removed_blobs:,} blobs unlinked (CPU {cpu:.2f} s, all threads; load "
+                         f"average {load:.1f} before it)", f"{took:.2f} s", "< 2 s", met(took < 2.0)])
             bars.append(Bar(f"evict 1% ({policy}) / 2 s", took / 2.0, 1.0, higher_is_better=False))
 
         # 3. stats
@@ -195,30 +203,8 @@ def main() -> int:
         shutil.rmtree(os.path.join(top, "big"))
         shutil.rmtree(os.path.join(top, "small"))
 
-        # 5. verify throughput
-        free = shutil.disk_usage(top).free
-        gib = args.verify_gib if free > (args.verify_gib + 5) * 2**30 else max(1.0, free / 2**30 / 4)
-        vstore = CAFS(os.path.join(top, "verify"), fsync=False)
-        vindex = SQLiteIndex(os.path.join(vstore.root, "index.sqlite3"))
-        chunk = os.urandom(64 << 20)
-        nblobs = int(gib * 16)
-        for i in range(nblobs):
-            vstore.put(i.to_bytes(8, "big") + chunk[8:])
-        log(f"verify store: {nblobs} blobs of 64 MiB ({gib:g} GiB)")
-        base = blake3_speed(chunk)
-        t0 = time.perf_counter()
-        vreport = verify_store(vstore, vindex)
-        took = time.perf_counter() - t0
-        after = blake3_speed(chunk)
-        speed = vreport.bytes_checked / took
-        ratio = speed / max(base, after)
-        rows.append(["5", f"`verify` of {gib:g} GiB ({nblobs} blobs) vs single-thread BLAKE3 in memory "
-                     f"({max(base, after) / 1e9:.2f} GB/s, best of before/after)",
-                     f"{speed / 1e9:.2f} GB/s = {ratio:.2f}×", "≥ 0.8×", met(ratio >= 0.8)])
-        bars.append(Bar("verify / single-thread BLAKE3", ratio, 0.8))
-        vindex.close()
-        notes.append("verify reads each blob with 1 MiB `readinto`s on one thread (the store's pages are in "
-                     "the page cache: the store was just written)")
+        if args.verify_gib > 0:
+            _verify_throughput(top, args.verify_gib, rows, bars, notes)
     finally:
         shutil.rmtree(top, ignore_errors=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -230,6 +216,33 @@ def main() -> int:
                   "Upkeep of a 1,000,000-entry store", header, body, bars,
                   subtitle="ratio to the goal (≤ 1 is met), except verify (≥ 0.8)", echo=True)
     return 0
+
+
+def _verify_throughput(top: str, verify_gib: float, rows: list, bars: list, notes: list) -> None:
+    """5. ``verify`` of a store of 64 MiB blobs against single-thread BLAKE3 in memory."""
+    free = shutil.disk_usage(top).free
+    gib = verify_gib if free > (verify_gib + 5) * 2**30 else max(1.0, free / 2**30 / 4)
+    vstore = CAFS(os.path.join(top, "verify"), fsync=False)
+    vindex = SQLiteIndex(os.path.join(vstore.root, "index.sqlite3"))
+    chunk = os.urandom(64 << 20)
+    nblobs = int(gib * 16)
+    for i in range(nblobs):
+        vstore.put(i.to_bytes(8, "big") + chunk[8:])
+    log(f"verify store: {nblobs} blobs of 64 MiB ({gib:g} GiB)")
+    base = blake3_speed(chunk)
+    t0 = time.perf_counter()
+    vreport = verify_store(vstore, vindex)
+    took = time.perf_counter() - t0
+    after = blake3_speed(chunk)
+    speed = vreport.bytes_checked / took
+    ratio = speed / max(base, after)
+    rows.append(["5", f"`verify` of {gib:g} GiB ({nblobs} blobs) vs single-thread BLAKE3 in memory "
+                 f"({max(base, after) / 1e9:.2f} GB/s, best of before/after)",
+                 f"{speed / 1e9:.2f} GB/s = {ratio:.2f}×", "≥ 0.8×", met(ratio >= 0.8)])
+    bars.append(Bar("verify / single-thread BLAKE3", ratio, 0.8))
+    vindex.close()
+    notes.append("verify reads each blob with 1 MiB `readinto`s on one thread (the store's pages are in "
+                 "the page cache: the store was just written)")
 
 
 def _version(dist: str) -> str:

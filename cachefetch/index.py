@@ -126,8 +126,9 @@ class Index(Protocol):
 
 
 #: Schema version (``PRAGMA user_version``): 2 added running totals, blob
-#: reference counts and the eviction queues.
-_VERSION = 2
+#: reference counts and the eviction queues; 3 dropped the index of entries
+#: by hash (see :data:`_V3`).
+_VERSION = 3
 #: What a row costs in its eviction queue besides its body: an estimate of an
 #: entry's own footprint in the index (key, headers and its index entries).
 #: It lets an entry whose blob is shared (every 404 shares one) weigh
@@ -149,7 +150,6 @@ CREATE TABLE IF NOT EXISTS entries (
     last_used REAL NOT NULL,
     PRIMARY KEY (key, variant)
 );
-CREATE INDEX IF NOT EXISTS entries_hash ON entries(hash);
 """
 # Added by version 2 (to a version 1 table by ALTER TABLE, hence defaults).
 _QUEUE_COLUMNS = ("queue INTEGER NOT NULL DEFAULT 0", "seq INTEGER NOT NULL DEFAULT 0",
@@ -256,6 +256,47 @@ INSERT OR REPLACE INTO totals
 INSERT OR REPLACE INTO queues
     SELECT {PENDING}, COUNT(*), COALESCE(SUM(size + {ROW_WEIGHT}), 0) FROM entries;
 """
+# Version 3: no index of entries by hash. Only verify looked entries up by
+# hash (one scan for all the blobs it found missing or corrupt); every
+# eviction paid for it, a random page of a fifth of the file per victim.
+#
+# And the triggers an eviction fires once per victim stand aside while
+# ``eviction.bulk`` is 1: the eviction's own statements then keep the same
+# counts once per batch (:class:`_Bulk`). Only the writer holding the lock
+# can see a 1 (it is set and cleared inside one transaction, so a rollback
+# or a crash leaves 0), so for every other writer the triggers run as before.
+_SOLO = "(SELECT bulk FROM eviction) = 0"
+_V3 = f"""
+DROP INDEX IF EXISTS entries_hash;
+ALTER TABLE eviction ADD COLUMN bulk INTEGER NOT NULL DEFAULT 0;
+DROP TRIGGER IF EXISTS entry_removed;
+CREATE TRIGGER entry_removed AFTER DELETE ON entries WHEN {_SOLO} BEGIN
+    UPDATE blobs SET refs = refs - 1, unreferenced_since = {_NOW} WHERE hash = old.hash;
+    UPDATE totals SET entries = entries - 1;
+    UPDATE queues SET entries = entries - 1, bytes = bytes - old.size - {ROW_WEIGHT} WHERE queue = old.queue;
+END;
+DROP TRIGGER IF EXISTS blob_unreferenced;
+CREATE TRIGGER blob_unreferenced AFTER UPDATE OF refs ON blobs
+WHEN old.refs > 0 AND new.refs <= 0 AND {_SOLO} BEGIN
+    UPDATE totals SET blob_bytes = blob_bytes - new.size, orphan_bytes = orphan_bytes + new.size;
+END;
+DROP TRIGGER IF EXISTS blob_removed;
+CREATE TRIGGER blob_removed AFTER DELETE ON blobs WHEN {_SOLO} BEGIN
+    UPDATE totals SET blobs = blobs - 1,
+        blob_bytes = blob_bytes - CASE WHEN old.refs > 0 THEN old.size ELSE 0 END,
+        orphan_bytes = orphan_bytes - CASE WHEN old.refs > 0 THEN 0 ELSE old.size END;
+END;
+DROP TRIGGER IF EXISTS ghost_added;
+CREATE TRIGGER ghost_added AFTER INSERT ON ghost WHEN {_SOLO} BEGIN
+    UPDATE eviction SET ghost_bytes = ghost_bytes + new.weight;
+END;
+DROP TRIGGER IF EXISTS ghost_removed;
+CREATE TRIGGER ghost_removed AFTER DELETE ON ghost WHEN {_SOLO} BEGIN
+    UPDATE eviction SET ghost_bytes = ghost_bytes - old.weight;
+END;
+"""
+
+
 class MaintainedIndex(Index, Protocol):
     """What upkeep (``cachefetch.maintenance``: verify, gc, the size limit, S3-FIFO)
     needs beyond :class:`Index`: running totals, blob accounting and the eviction
@@ -268,8 +309,14 @@ class MaintainedIndex(Index, Protocol):
     def delete_hash(self, h: Hash) -> int:
         """Remove every entry that points at blob ``h``."""
 
+    def delete_hashes(self, hashes: Iterable[Hash]) -> int:
+        """Remove every entry that points at any of ``hashes`` (one scan)."""
+
     def known(self, h: Hash) -> bool:
         """Whether the index accounts for blob ``h``."""
+
+    def known_among(self, hashes: Iterable[Hash]) -> set[Hash]:
+        """Those of ``hashes`` the index accounts for."""
 
     def unreferenced_blobs(self, before: float, limit: int = 1000) -> list[tuple[Hash, int]]:
         """Blobs no entry has pointed at since before ``before``."""
@@ -280,6 +327,9 @@ class MaintainedIndex(Index, Protocol):
     def keys_for(self, h: Hash) -> list[tuple[str, str]]:
         """``(key, variant)`` of every entry pointing at ``h``."""
 
+    def naming(self, hashes: Iterable[Hash]) -> list[tuple[str, str, Hash]]:
+        """``(key, variant, hash)`` of every entry pointing at any of ``hashes`` (one scan)."""
+
     def forget_blob(self, h: Hash) -> bool:
         """Stop counting blob ``h`` (its file is gone)."""
 
@@ -289,9 +339,15 @@ class MaintainedIndex(Index, Protocol):
     def purge_expired(self, before: float, limit: int = 1000) -> int:
         """Delete entries that expired before ``before``."""
 
-    def transaction(self, *, large: bool = False) -> Any:
+    def transaction(self, *, large: bool = False, forget_blobs: bool = False) -> Any:
         """A context manager: one write transaction (``large``: one that
-        changes many pages, kept in memory until the commit)."""
+        changes many pages, kept in memory until the commit; ``forget_blobs``:
+        the blobs its evictions leave unreferenced are forgotten at once, and
+        :meth:`forget_unreferenced` reports them)."""
+
+    def large_transactions(self) -> Any:
+        """A context manager: the transactions within may each change many
+        pages (kept in memory until each commit)."""
 
     def queues(self) -> Any:
         """The eviction queues' state (``cachefetch.eviction``)."""
@@ -303,7 +359,7 @@ class MaintainedIndex(Index, Protocol):
 _GENERATION_SIZE = 16
 _MEMO_SLOTS = 4096
 _COLUMNS = "key, variant, hash, size, status, headers, stored_at, expires_at, vary, initial_age"
-_ITEM_COLUMNS = "key, variant, size, queue, freq, last_used, hash"
+_ITEM_COLUMNS = "key, variant, size, queue, freq, last_used, hash, rowid"
 _UPSERT = (f"INSERT INTO entries ({_COLUMNS}, last_used) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
            "ON CONFLICT (key, variant) DO UPDATE SET hash = excluded.hash, size = excluded.size, "
            "status = excluded.status, headers = excluded.headers, stored_at = excluded.stored_at, "
@@ -393,9 +449,9 @@ def _entry(row: tuple) -> Entry:
 
 
 def _item(row: tuple) -> Item:
-    key, variant, size, queue, freq, last_used, hexhash = row
+    key, variant, size, queue, freq, last_used, hexhash, rowid = row
     # The index wrote the hex itself (Hash.from_hex's checks cost more than the rest of a row).
-    return Item((key, variant), size + ROW_WEIGHT, queue, freq, last_used, Hash(bytes.fromhex(hexhash)))
+    return Item((key, variant), size + ROW_WEIGHT, queue, freq, last_used, Hash(bytes.fromhex(hexhash)), rowid)
 
 
 def _retry_locked(db: sqlite3.Connection, timeout: float, step) -> None:
@@ -473,23 +529,32 @@ def _migrate(db: sqlite3.Connection) -> None:
         if version > _VERSION:
             raise sqlite3.DatabaseError(f"index schema version {version} is newer than this cachefetch's "
                                         f"({_VERSION})")
+        if version < 2:
+            _to_version_2(db)
+        if version < 3:
+            _run_script(db, _V3)
         if version < _VERSION:
-            fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is None
-            _run_script(db, _TABLES)
-            have = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
-            for column in _QUEUE_COLUMNS:
-                if column.split()[0] not in have:
-                    db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
-            _run_script(db, _V2)
-            db.execute("INSERT OR IGNORE INTO totals VALUES (0, 0, 0, 0, 0)")
-            if not fresh:
-                _run_script(db, _BACKFILL)
-            _run_script(db, _TRIGGERS)
             db.execute(f"PRAGMA user_version = {_VERSION}")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _to_version_2(db: sqlite3.Connection) -> None:
+    """Create the tables (a new index) or add the totals, blob counts and
+    eviction queues to a version 1 index, counting what it holds once."""
+    fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is None
+    _run_script(db, _TABLES)
+    have = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+    for column in _QUEUE_COLUMNS:
+        if column.split()[0] not in have:
+            db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
+    _run_script(db, _V2)
+    db.execute("INSERT OR IGNORE INTO totals VALUES (0, 0, 0, 0, 0)")
+    if not fresh:
+        _run_script(db, _BACKFILL)
+    _run_script(db, _TRIGGERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,7 +592,9 @@ class SQLiteIndex:
     Each thread of each process gets its own connection (SQLite connections
     must not cross threads or a ``fork``). Triggers keep running totals
     (:meth:`usage`), blob reference counts and the eviction queues' sizes in
-    the same transaction as every change, so they stay exact across processes.
+    the same transaction as every change, so they stay exact across processes
+    (an eviction's removals keep them with a statement per batch instead,
+    in the same transaction too: see :class:`_Bulk`).
 
     The index heals: a connection that fails is dropped and reopened on the
     next call; before and after each use a connection checks that the
@@ -761,12 +828,20 @@ class SQLiteIndex:
         self._changed()
         return gone
 
-    @_healing
     def delete_hash(self, h: Hash) -> int:
-        """Remove every entry that points at blob ``h``; returns how many."""
+        """Remove every entry that points at blob ``h``; returns how many
+        (a scan of the entries: :meth:`delete_hashes` for many blobs)."""
+        return self.delete_hashes([h])
+
+    @_healing
+    def delete_hashes(self, hashes: Iterable[Hash]) -> int:
+        """Remove every entry that points at any of ``hashes``, in one scan of
+        the entries (there is no index by hash); returns how many went."""
         self._settle()
-        gone = self._connect().execute("DELETE FROM entries WHERE hash = ?", (h.hex,)).rowcount
-        self._changed()
+        gone = self._connect().execute(f"DELETE FROM entries WHERE hash IN {_HEX_LIST}",
+                                       (_hex_list(hashes),)).rowcount
+        if gone:
+            self._changed()
         return gone
 
     @_healing
@@ -853,6 +928,18 @@ class SQLiteIndex:
         return self._connect().execute("SELECT 1 FROM blobs WHERE hash = ?", (h.hex,)).fetchone() is not None
 
     @_confirmed
+    def known_among(self, hashes: Iterable[Hash]) -> set[Hash]:
+        """Those of ``hashes`` the index accounts for (as :meth:`known`), one
+        statement per few hundred."""
+        db = self._connect()
+        by_hex = {h.hex: h for h in hashes}
+        known: set[Hash] = set()
+        for chunk in _chunks(list(by_hex)):
+            rows = db.execute(f"SELECT hash FROM blobs WHERE hash IN ({','.join('?' * len(chunk))})", chunk)
+            known.update(by_hex[hexhash] for (hexhash,) in rows)
+        return known
+
+    @_confirmed
     def unreferenced_blobs(self, before: float, limit: int = 1000) -> list[tuple[Hash, int]]:
         """``(hash, size)`` of up to ``limit`` blobs no entry has pointed at
         since before ``before``, longest unreferenced first."""
@@ -867,10 +954,21 @@ class SQLiteIndex:
         rows = self._connect().execute("SELECT hash FROM blobs WHERE refs > 0").fetchall()
         return (Hash.from_hex(h) for (h,) in rows)
 
-    @_confirmed
     def keys_for(self, h: Hash) -> list[tuple[str, str]]:
-        """``(key, variant)`` of every entry pointing at blob ``h``."""
-        return self._connect().execute("SELECT key, variant FROM entries WHERE hash = ?", (h.hex,)).fetchall()
+        """``(key, variant)`` of every entry pointing at blob ``h`` (a scan
+        of the entries: :meth:`naming` for many blobs)."""
+        return [(key, variant) for key, variant, _ in self.naming([h])]
+
+    @_confirmed
+    def naming(self, hashes: Iterable[Hash]) -> list[tuple[str, str, Hash]]:
+        """``(key, variant, hash)`` of every entry pointing at any of
+        ``hashes``, in one scan of the entries (there is no index by hash)."""
+        by_hex = {h.hex: h for h in hashes}
+        if not by_hex:
+            return []
+        rows = self._connect().execute(f"SELECT key, variant, hash FROM entries WHERE hash IN {_HEX_LIST}",
+                                       (_hex_list(by_hex.values()),)).fetchall()
+        return [(key, variant, by_hex[hexhash]) for key, variant, hexhash in rows]
 
     @_confirmed
     def forget_blob(self, h: Hash) -> bool:
@@ -887,12 +985,18 @@ class SQLiteIndex:
         self._settle()
         db = self._connect()
         by_hex = {h.hex: h for h in hashes}
-        gone: list[Hash] = []
-        for chunk in _chunks(list(by_hex)):
-            rows = db.execute(f"DELETE FROM blobs WHERE refs <= 0 AND hash IN ({','.join('?' * len(chunk))}) "
-                              "RETURNING hash", chunk).fetchall()
-            gone.extend(by_hex[hexhash] for (hexhash,) in rows)
         txn = getattr(self._local, "txn", None)
+        gone: list[Hash] = []
+        if txn is not None and txn.forgotten:  # forgotten already, by the queues' removals
+            gone = [by_hex.pop(hexhash) for hexhash in list(by_hex) if hexhash in txn.forgotten]
+            txn.forgotten.difference_update(h.hex for h in gone)
+        if by_hex:
+            with contextlib.ExitStack() as outside:
+                if txn is None:  # the rows and the counts commit together
+                    outside.enter_context(self.transaction())
+                    db = self._connect()
+                with _Bulk(db) as bulk:
+                    gone += [by_hex[hexhash] for hexhash in bulk.forget_orphans(list(by_hex))]
         if txn is not None:
             txn.left_queues_alone()
         return gone
@@ -913,46 +1017,72 @@ class SQLiteIndex:
         return gone
 
     @contextlib.contextmanager
-    def transaction(self, *, large: bool = False) -> Iterator[None]:
+    def transaction(self, *, large: bool = False, forget_blobs: bool = False) -> Iterator[None]:
         """Run the block as one write transaction on this thread's connection
         (taken at once, so reads inside see what the writes will change).
         What the eviction queues owe is written before the commit; other
         processes learn of entries they removed once it is done.
 
-        :param large: the block changes many pages (an eviction batch): keep
-            them all in memory until the commit instead of spilling them to
-            the file, which syncs the journal at each spill and locks readers
-            out from the first one on; and keep each statement's own journal
-            (every row deleted under triggers has one) in memory rather than
-            in a temporary file. The memory is released afterwards.
+        :param large: the block changes many pages (an eviction batch): as
+            under :meth:`large_transactions`, for this one transaction.
+        :param forget_blobs: a blob no entry points at any more once the
+            eviction queues removed an entry is forgotten at once (one write
+            of its row, not an update now and a delete later), as
+            :meth:`forget_unreferenced` would; that reports it. The caller
+            removes the files after the commit. Without it, such blobs stay
+            counted as unreferenced, for gc to remove after its grace.
         """
-        db = self._connect()
         if large:
-            default_cache = db.execute("PRAGMA cache_size").fetchone()[0]
-            db.execute(f"PRAGMA cache_size = {-_LARGE_CACHE_KIB}")
-            db.execute("PRAGMA cache_spill = OFF")
-            db.execute("PRAGMA temp_store = MEMORY")
+            with self.large_transactions():
+                with self.transaction(forget_blobs=forget_blobs):
+                    yield
+            return
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        txn = self._local.txn = _Transaction(db, forget_blobs)
         try:
-            db.execute("BEGIN IMMEDIATE")
-            txn = self._local.txn = _Transaction(db)
-            try:
-                yield
-                txn.settle()
-            except BaseException:
-                self._local.txn = None
-                db.execute("ROLLBACK")
-                raise
+            yield
+            txn.settle()
+        except BaseException:
             self._local.txn = None
-            db.execute("COMMIT")
-        finally:
-            if large:
-                db.execute(f"PRAGMA cache_size = {default_cache}")
-                db.execute("PRAGMA cache_spill = ON")
-                db.execute("PRAGMA temp_store = DEFAULT")
-                db.execute("PRAGMA shrink_memory")
+            db.execute("ROLLBACK")
+            raise
+        self._local.txn = None
+        db.execute("COMMIT")
         self._confirm(self._local)  # (what it removed from a moved file must not be acted on)
         if txn.removed:
             self._changed()
+
+    @contextlib.contextmanager
+    def large_transactions(self) -> Iterator[None]:
+        """Within the block, this thread's transactions may change many pages
+        (the batches of an eviction pass): they keep them all in memory until
+        the commit instead of spilling them to the file, which syncs the
+        journal at each spill and locks readers out from the first one on;
+        they keep each statement's own journal in memory rather than in a
+        temporary file; and the pages read by one batch stay cached for the
+        next (the b-trees' upper levels, and leaves it touches again). The
+        memory is released afterwards.
+        """
+        db = self._connect()
+        if getattr(self._local, "large", False):
+            yield
+            return
+        default_cache = db.execute("PRAGMA cache_size").fetchone()[0]
+        db.execute(f"PRAGMA cache_size = {-_LARGE_CACHE_KIB}")
+        db.execute("PRAGMA cache_spill = OFF")
+        db.execute("PRAGMA temp_store = MEMORY")
+        self._local.large = True
+        try:
+            yield
+        finally:
+            self._local.large = False
+            if getattr(self._local, "db", None) is not db:
+                return  # it was dropped (and closed) meanwhile: nothing to put back
+            db.execute(f"PRAGMA cache_size = {default_cache}")
+            db.execute("PRAGMA cache_spill = ON")
+            db.execute("PRAGMA temp_store = DEFAULT")
+            db.execute("PRAGMA shrink_memory")
 
     def _settle(self) -> None:
         """Inside a transaction: write what the eviction queues owe, so that
@@ -1011,8 +1141,19 @@ def _ghost_id(key: str, variant: str) -> int:
 _PAGE = 512
 #: Ids per ``IN (...)`` list (well under SQLite's limit on bound parameters).
 _IN_CHUNK = 500
+#: Ids per ``IN (...)`` list of a bulk removal (SQLite binds up to 32,766).
+_BULK_CHUNK = 4096
 #: Where :class:`_Pass` records an entry it removed.
 _REMOVED = -1
+
+
+#: A set of hashes bound as one JSON array (``_hex_list``): SQLite makes it
+#: a lookup table once, so a scan of the entries tests each row in O(1).
+_HEX_LIST = "(SELECT value FROM json_each(?))"
+
+
+def _hex_list(hashes: Iterable[Hash]) -> str:
+    return json.dumps(sorted({h.hex for h in hashes}))
 
 
 def _chunks(values: list, size: int = _IN_CHUNK) -> Iterator[list]:
@@ -1025,12 +1166,15 @@ class _Transaction:
     the writes the eviction queues owe it land before it commits, and other
     processes are told of removed entries once it has."""
 
-    __slots__ = ("db", "queues", "removed")
+    __slots__ = ("db", "queues", "removed", "forgotten")
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, forget_blobs: bool = False) -> None:
         self.db = db
         self.queues: _Pass | None = None
         self.removed = False
+        #: With ``forget_blobs``: the hashes (hex) of blobs the queues' removals
+        #: left unreferenced and forgot, until forget_unreferenced reports them.
+        self.forgotten: set[str] | None = set() if forget_blobs else None
 
     def settle(self) -> None:
         """Write what is owed (before any other read or write of entries)."""
@@ -1042,6 +1186,153 @@ class _Transaction:
         or eviction row (only blobs): what the queues read still holds."""
         if self.queues is not None:
             self.queues.changes = self.db.total_changes
+
+
+class _Bulk:
+    """Inside a write transaction, with the per-row triggers standing aside
+    (``eviction.bulk``, see :data:`_V3`): removals of entries, blob rows
+    and ghost ids that keep the totals, blob reference counts, queue sizes
+    and the ghost's size themselves, a few statements per batch (the totals
+    and the ghost's size are written once, on leaving).
+
+    :raises RuntimeError: if entered outside a transaction (the flag must
+        never be committed).
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        # What the leaving writes: entries, blobs, blob_bytes, orphan_bytes, ghost_bytes.
+        self.change = [0, 0, 0, 0, 0]
+
+    def __enter__(self) -> "_Bulk":
+        if not self.db.in_transaction:
+            raise RuntimeError("bulk removals need a write transaction")
+        self.db.execute("UPDATE eviction SET bulk = 1")
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        entries, blobs, blob_bytes, orphan_bytes, ghost_bytes = self.change
+        if kind is None and (entries or blobs or blob_bytes or orphan_bytes):
+            self.db.execute("UPDATE totals SET entries = entries + ?, blobs = blobs + ?, "
+                            "blob_bytes = blob_bytes + ?, orphan_bytes = orphan_bytes + ?",
+                            (entries, blobs, blob_bytes, orphan_bytes))
+        if kind is None:
+            self.db.execute("UPDATE eviction SET bulk = 0, ghost_bytes = ghost_bytes + ?", (ghost_bytes,))
+            return
+        # On an error the transaction is rolled back, the flag with it; it is
+        # cleared anyway, so that a caller that goes on never commits a 1 (and
+        # if SQLite cannot, the transaction is already lost).
+        with contextlib.suppress(sqlite3.Error):
+            self.db.execute("UPDATE eviction SET bulk = 0")
+
+    def remove_entries(self, removes: dict[Hashable, tuple[float, int | None]],
+                       forgotten: set[str] | None = None) -> int:
+        """Delete the entries ``{(key, variant): (last_used, rowid)}`` still
+        unused since (an item read in an earlier transaction, a page of LRU,
+        may have been used since); returns how many went. With ``forgotten``,
+        the blobs they leave unreferenced are forgotten, their hashes added."""
+        rows = self._still_unused(removes)
+        if not rows:
+            return 0
+        db = self.db
+        for chunk in _chunks([rowid for rowid, _, _, _ in rows], _BULK_CHUNK):
+            db.execute(f"DELETE FROM entries WHERE rowid IN ({','.join('?' * len(chunk))})", chunk)
+        queues: dict[int, list[int]] = {}
+        refs: dict[str, int] = {}
+        for _, queue, size, hexhash in rows:
+            tally = queues.setdefault(queue, [0, 0])
+            tally[0] += 1
+            tally[1] += size + ROW_WEIGHT
+            refs[hexhash] = refs.get(hexhash, 0) + 1
+        db.executemany("UPDATE queues SET entries = entries - ?, bytes = bytes - ? WHERE queue = ?",
+                       [(n, weight, queue) for queue, (n, weight) in queues.items()])
+        self.change[0] -= len(rows)
+        if forgotten is None:
+            self._unreference(refs)
+        else:
+            forgotten.update(self._forget_unreferenced(refs))
+        return len(rows)
+
+    def _still_unused(self, removes: dict[Hashable, tuple[float, int | None]]) -> list[tuple[int, int, int, str]]:
+        """``(rowid, queue, size, hash)`` of the entries of ``removes`` as
+        they were chosen (same key and variant at that rowid, same last use)."""
+        db = self.db
+        by_row = {row: (id, used) for id, (used, row) in removes.items() if row is not None}
+        found = []
+        for chunk in _chunks(list(by_row), _BULK_CHUNK):
+            found += db.execute("SELECT rowid, key, variant, last_used, queue, size, hash FROM entries "
+                                f"WHERE rowid IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        rows = [(rowid, queue, size, hexhash) for rowid, key, variant, used, queue, size, hexhash in found
+                if by_row[rowid] == ((key, variant), used)]
+        for (key, variant), (used, row) in removes.items():
+            if row is None:  # an item made elsewhere: found by its key
+                rows += db.execute("SELECT rowid, queue, size, hash FROM entries WHERE key = ? AND variant = ? "
+                                   "AND last_used = ?", (key, variant, used)).fetchall()
+        return rows
+
+    def _unreference(self, refs: dict[str, int]) -> None:
+        """Count ``refs[hash]`` fewer entries pointing at each blob; one left
+        with none is unreferenced from now (for gc, or forget_orphans)."""
+        db = self.db
+        by_count: dict[int, list[str]] = {}
+        for hexhash, n in refs.items():
+            by_count.setdefault(n, []).append(hexhash)
+        now, freed = time.time(), 0
+        for n, hexes in by_count.items():
+            for chunk in _chunks(hexes, _BULK_CHUNK):
+                freed += sum(size for left, size in db.execute(
+                    "UPDATE blobs SET refs = refs - ?, unreferenced_since = CASE WHEN refs <= ? THEN ? "
+                    f"ELSE unreferenced_since END WHERE hash IN ({','.join('?' * len(chunk))}) "
+                    "RETURNING refs, size", (n, n, now, *chunk)) if left <= 0)
+        self.change[2] -= freed
+        self.change[3] += freed
+
+    def _forget_unreferenced(self, refs: dict[str, int]) -> list[str]:
+        """Count ``refs[hash]`` fewer entries pointing at each blob; forget
+        those left with none (returned), in one write of their rows."""
+        db = self.db
+        by_count: dict[int, list[str]] = {}
+        for hexhash, n in refs.items():
+            by_count.setdefault(n, []).append(hexhash)
+        gone: list[str] = []
+        for n, hexes in by_count.items():
+            for chunk in _chunks(hexes, _BULK_CHUNK):
+                left = set(chunk)
+                for hexhash, size in db.execute(
+                        f"DELETE FROM blobs WHERE refs <= ? AND hash IN ({','.join('?' * len(chunk))}) "
+                        "RETURNING hash, size", (n, *chunk)).fetchall():
+                    gone.append(hexhash)
+                    left.discard(hexhash)
+                    self.change[2] -= size
+                if left:  # shared with entries that stay
+                    db.execute(f"UPDATE blobs SET refs = refs - ? WHERE hash IN ({','.join('?' * len(left))})",
+                               (n, *left))
+        self.change[1] -= len(gone)
+        return gone
+
+    def forget_orphans(self, hexes: list[str]) -> list[str]:
+        """Delete the rows of those blobs of ``hexes`` no entry points at;
+        returns their hashes."""
+        gone: list[str] = []
+        for chunk in _chunks(hexes, _BULK_CHUNK):
+            for hexhash, size in self.db.execute(
+                    f"DELETE FROM blobs WHERE refs <= 0 AND hash IN ({','.join('?' * len(chunk))}) "
+                    "RETURNING hash, size", chunk).fetchall():
+                gone.append(hexhash)
+                self.change[3] -= size
+        self.change[1] -= len(gone)
+        return gone
+
+    def change_ghost(self, forgotten: set[int], added: dict[int, tuple[int, int]]) -> None:
+        """Forget the ghost ids ``forgotten`` and add ``added`` ({id: (seq,
+        weight)}), keeping the ghost's size."""
+        db = self.db
+        for chunk in _chunks(list(forgotten), _BULK_CHUNK):
+            self.change[4] -= sum(weight for (weight,) in db.execute(
+                f"DELETE FROM ghost WHERE id IN ({','.join('?' * len(chunk))}) RETURNING weight", chunk).fetchall())
+        if added:
+            db.executemany("INSERT INTO ghost VALUES (?, ?, ?)", [(g, seq, w) for g, (seq, w) in added.items()])
+            self.change[4] += sum(w for _, w in added.values())
 
 
 class _Page:
@@ -1082,7 +1373,7 @@ class _Pass:
         self.gids: dict[Hashable, int] = {}  # item id -> ghost id, as learn_ghost worked them out
         # Owed.
         self.pushes: dict[Hashable, tuple[int, int, int]] = {}  # id -> (queue, seq, freq)
-        self.removes: dict[Hashable, float] = {}  # id -> last_used when chosen
+        self.removes: dict[Hashable, tuple[float, int | None]] = {}  # id -> (last_used when chosen, rowid)
         self.ghost_forgotten: set[int] = set()
         self.ghost_added: dict[int, tuple[int, int]] = {}  # ghost id -> (seq, weight)
         self.row_dirty = False
@@ -1116,18 +1407,12 @@ class _Pass:
         if self.pushes:
             db.executemany("UPDATE entries SET queue = ?, seq = ?, freq = ? WHERE key = ? AND variant = ?",
                            [(q, seq, freq, key, variant) for (key, variant), (q, seq, freq) in self.pushes.items()])
-        if self.removes:
-            # Only if unused since it was chosen: an item read in an earlier
-            # transaction (a page of LRU) may have been used since.
-            db.executemany("DELETE FROM entries WHERE key = ? AND variant = ? AND last_used = ?",
-                           [(key, variant, used) for (key, variant), used in self.removes.items()])
-            if self.txn is not None:
-                self.txn.removed = True
-        if self.ghost_forgotten:
-            db.executemany("DELETE FROM ghost WHERE id = ?", [(g,) for g in self.ghost_forgotten])
-        if self.ghost_added:
-            db.executemany("INSERT INTO ghost VALUES (?, ?, ?)",
-                           [(g, seq, weight) for g, (seq, weight) in self.ghost_added.items()])
+        if self.removes or self.ghost_forgotten or self.ghost_added:
+            with _Bulk(db) as bulk:
+                forgotten = None if self.txn is None else self.txn.forgotten
+                if self.removes and bulk.remove_entries(self.removes, forgotten) and self.txn is not None:
+                    self.txn.removed = True
+                bulk.change_ghost(self.ghost_forgotten, self.ghost_added)
         if self.row_dirty:
             next_seq, _, been_full = self.row
             db.execute("UPDATE eviction SET next_seq = ?, been_full = ?", (next_seq, been_full))
@@ -1135,8 +1420,8 @@ class _Pass:
             del self.where[id]
         self.pushes, self.removes, self.ghost_forgotten, self.ghost_added = {}, {}, set(), {}
         self.row_dirty = False
-        # The triggers kept the counts exact; they are read again rather than
-        # trusted (an item read in an earlier transaction may have been stale).
+        # The triggers and _Bulk kept the counts exact; they are read again rather
+        # than trusted (an item read in an earlier transaction may have been stale).
         self._forget_reads()
         self.changes = db.total_changes
 
@@ -1322,7 +1607,7 @@ class SQLiteQueues:
             return
         p.moved_item(item, _REMOVED)
         p.pushes.pop(item.id, None)
-        p.removes[item.id] = item.last_used
+        p.removes[item.id] = (item.last_used, item.row)
 
     def queue_bytes(self, queue: int) -> int:
         return self._pass().count(queue)[1]

@@ -73,8 +73,9 @@ def test_evicting_takes_a_few_statements_per_hundred_victims(tmp_path, monkeypat
         victims = policy.victims(queues)
         with index.transaction():
             gone = [next(victims) for _ in range(2000)]
-        # Before the write-behind: about a dozen statements per victim (24,000 here).
-        assert conn.calls <= 80, conn.calls
+        # Before the write-behind: about a dozen statements per victim (24,000
+        # here); now about eight per page of victims the policy reads.
+        assert conn.calls <= 100, conn.calls
         assert [v.id[0] for v in gone] == [f"k{i}" for i in range(2000)]
         assert index.totals()[0] == 1000
         with index.transaction():
@@ -93,8 +94,9 @@ def test_a_pass_over_a_store_takes_statements_per_batch_not_per_victim(cafs, mon
     conn = counting(index, monkeypatch)
     report = collect_garbage(store, index, int(index.usage().total * 0.6), protect=0)
     assert report.evicted_entries >= 500 and report.removed_blobs == report.evicted_entries
-    # Before the write-behind: about a dozen statements per victim.
-    assert conn.calls <= 150, conn.calls
+    # Before the write-behind: about a dozen statements per victim; now a few
+    # per look at the size (each writes what the queues owe, in bulk).
+    assert conn.calls <= report.evicted_entries / 3, conn.calls
     survivors = {e.key for e in index}
     assert survivors == {f"k{i}" for i in range(report.evicted_entries, 1200)}
     assert all(store.exists(e.hash) for e in index)

@@ -225,7 +225,8 @@ def test_a_version_1_index_is_migrated_with_its_counts(tmp_path):
         index.put(Entry("d", "", other, 5))
         assert index.totals() == (4, 15)
         assert {e.key for e in index.least_recently_used(10)} == {"a", "b", "c", "d"}
-        assert index._connect().execute("PRAGMA user_version").fetchone()[0] == 2
+        assert index._connect().execute("PRAGMA user_version").fetchone()[0] == 3
+        assert index._connect().execute("SELECT 1 FROM sqlite_master WHERE name = 'entries_hash'").fetchone() is None
     finally:
         index.close()
     index = SQLiteIndex(path)  # opened again: nothing to migrate, counts kept

@@ -37,6 +37,8 @@ class Item:
         :data:`FREQ_CAP`.
     :param last_used: when it was last used (the backend's clock).
     :param blob: what the bytes are stored as, where the backend has blobs.
+    :param row: the backend's own handle on it, if it has one (the rowid in
+        SQLite), which finds it faster than ``id``; ``None`` otherwise.
     """
 
     id: Hashable
@@ -45,6 +47,7 @@ class Item:
     freq: int = 0
     last_used: float = 0.0
     blob: Any = None
+    row: Any = None
 
 
 class QueueState(Protocol):
