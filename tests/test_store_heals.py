@@ -137,11 +137,23 @@ def read_only(tmp_path):
     mounted = []
 
     def make(store):
-        done = subprocess.run(["mount", "--bind", "-o", "ro", str(store), str(store)], capture_output=True, text=True,
-                              timeout=30)
-        if done.returncode != 0:
-            pytest.skip(f"cannot bind-mount read-only (mount exited {done.returncode}): {done.stderr.strip()}")
-        mounted.append(store)
+        # Two steps, as mount(8) does them for "--bind -o ro": the second has been
+        # seen to fail once while other mounts were being made on the machine,
+        # leaving the bind mounted. It is then undone and tried again.
+        errors = []
+        for _ in range(3):
+            done = subprocess.run(["mount", "--bind", str(store), str(store)], capture_output=True, text=True,
+                                  timeout=30)
+            if done.returncode != 0:
+                pytest.skip(f"cannot bind-mount (mount exited {done.returncode}): {done.stderr.strip()}")
+            ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(store)], capture_output=True, text=True,
+                                timeout=30)
+            if ro.returncode == 0:
+                mounted.append(store)
+                return
+            errors.append(ro.stderr.strip())
+            subprocess.run(["umount", str(store)], check=True, capture_output=True, timeout=30)
+        pytest.fail(f"a bind mount could not be made read-only: {errors}")
 
     def undo():
         store = mounted.pop()
