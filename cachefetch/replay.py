@@ -153,6 +153,11 @@ class _FdRange:
         if fd >= 0:
             os.close(fd)
 
+    def __del__(self) -> None:
+        # As a file object does: a body dropped without close() (a server or
+        # middleware that breaks PEP 3333) must not leak its descriptor.
+        self.close()
+
 
 class _FileChunks:
     """A ``_FileRange`` (or ``_FdRange``) as a WSGI iterable; ``close()`` closes the file even

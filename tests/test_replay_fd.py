@@ -69,3 +69,10 @@ def test_close_before_reading_closes_and_a_second_close_leaves_a_reused_number_a
         assert is_open(other)
     finally:
         os.close(other)
+
+
+def test_a_body_dropped_without_close_closes_its_descriptor(path):
+    fd = os.open(path, os.O_RDONLY)
+    body = fd_body({}, fd, 10)
+    del body  # no close(): the last reference goes
+    assert not is_open(fd)
