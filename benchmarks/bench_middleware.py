@@ -265,7 +265,7 @@ def rotated(servers: dict[str, "Gunicorn"], round_: int) -> list[tuple[str, "Gun
 
 def ratio_interval(num: list[float], den: list[float], resamples: int = 2000) -> tuple[float, float]:
     """The 95% bootstrap interval of ``sum(num) / sum(den)``, resampling the
-    rounds (a round's two batches stay paired, so a drift between rounds stays out)."""
+    rounds (a round's batches stay together, so a drift between rounds stays out)."""
     rng = random.Random(10)  # the same interval for the same measurements
     rounds = range(len(num))
     ratios = []
@@ -441,10 +441,10 @@ class Bench:
         with open(path, "wb") as f:
             f.write(bench_apps.herd_body("/ten-mib", size))
         # Per batch, the kernel's share of a 10 MiB send (most of it) varies by
-        # ±10-15% on a shared machine, and one server instance can run a few %
-        # dearer than another of the same app for all its life: far more than
-        # the 5% under test. So: many short rounds, and the bare app twice,
-        # pooled, their ratio showing the run's own noise.
+        # ±10-15% on a shared machine, and two servers of the same app were
+        # seen a few % apart over a whole run (while other work loaded the
+        # machine): far more than the 5% under test. So: many short rounds,
+        # and the bare app twice, pooled, their ratio showing the run's own noise.
         rounds = 6 if self.quick else 36
         batch = 50 if self.quick else 100
         concurrency = 4
