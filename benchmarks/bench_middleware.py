@@ -442,9 +442,9 @@ class Bench:
             f.write(bench_apps.herd_body("/ten-mib", size))
         # Per batch, the kernel's share of a 10 MiB send (most of it) varies by
         # ±10-15% on a shared machine, and two servers of the same app were
-        # seen a few % apart over a whole run (while other work loaded the
-        # machine): far more than the 5% under test. So: many short rounds,
-        # and the bare app twice, pooled, their ratio showing the run's own noise.
+        # seen up to 5-9% apart over a whole run (5% on a quiet machine): as
+        # much as the 5% under test. So: many short rounds, and the bare app
+        # twice, pooled, their ratio showing the run's own noise.
         rounds = 6 if self.quick else 36
         batch = 50 if self.quick else 100
         concurrency = 4
