@@ -19,8 +19,8 @@ from .policy.conditionals import Outcome, evaluate
 from .store import CAFS, Blob, BlobNotFound
 from .wsgi import StartResponse, WSGIEnviron, normalize_headers, plain_response  # noqa: F401  (re-exported)
 
-__all__ = ["ServeOptions", "serve_from_store", "serve_blob_file", "whole_fields", "file_body", "etag_for", "normalize_headers",
-           "plain_response"]
+__all__ = ["ServeOptions", "serve_from_store", "serve_blob_file", "whole_fields", "file_body", "fd_body", "etag_for",
+           "normalize_headers", "plain_response"]
 
 log = logging.getLogger("cachefetch.serve")  # the seed's logger name, kept for log configs
 
@@ -121,11 +121,49 @@ class _FileRange:
         self._file.close()
 
 
+class _FdRange:
+    """``length`` bytes of the open descriptor ``fd`` from its current
+    position, as :class:`_FileRange` gives them (``fileno`` for sendfile,
+    ``read`` for other servers), with no file object around the descriptor.
+    ``close`` closes it once: a second call must not close a number the
+    process has since given to another file."""
+
+    __slots__ = ("_fd", "_left")
+
+    def __init__(self, fd: int, length: int) -> None:
+        self._fd = fd
+        self._left = length
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        if size is None or size < 0 or size > self._left:
+            size = self._left
+        data = os.read(self._fd, size)
+        self._left -= len(data)
+        if not data:
+            self._left = 0  # the file ended early: no more to read
+        return data
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # As a file object does: a body dropped without close() (a server or
+        # middleware that breaks PEP 3333) must not leak its descriptor.
+        self.close()
+
+
 class _FileChunks:
-    """A ``_FileRange`` as a WSGI iterable; ``close()`` closes the file even
+    """A ``_FileRange`` (or ``_FdRange``) as a WSGI iterable; ``close()`` closes the file even
     if iteration never started (a client that left before the body)."""
 
-    def __init__(self, file: _FileRange) -> None:
+    def __init__(self, file: _FileRange | _FdRange) -> None:
         self._file = file
 
     def __iter__(self) -> Iterator[bytes]:
@@ -228,6 +266,17 @@ def file_body(environ: WSGIEnviron, file: BinaryIO, length: int) -> Iterable[byt
     the server's ``wsgi.file_wrapper`` (gunicorn ``sendfile``s it) when it
     offers one, else chunks read in turn. Takes ownership of ``file``."""
     body = _FileRange(file, length)
+    wrapper = environ.get("wsgi.file_wrapper")
+    if wrapper is not None:
+        return wrapper(body, _BLOCK_SIZE)
+    return _FileChunks(body)
+
+
+def fd_body(environ: WSGIEnviron, fd: int, length: int) -> Iterable[bytes]:
+    """:func:`file_body` for a bare descriptor (opened with ``os.open``): the
+    same body, without the file object (and the ``fstat`` that builds it).
+    Takes ownership of ``fd``."""
+    body = _FdRange(fd, length)
     wrapper = environ.get("wsgi.file_wrapper")
     if wrapper is not None:
         return wrapper(body, _BLOCK_SIZE)

@@ -6,6 +6,8 @@ Time is an injected clock (``now[0]``), never a sleep.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 from test_middleware import HIT, App, assert_clean, cache_status, client, get, settled
 
@@ -13,20 +15,23 @@ KEY = "http://localhost/r"
 
 
 def spy(mw):
-    """Count what the hot path answers and what the store opens: ``{"hot": n, "opened": n}``."""
+    """Count what the hot path answers and the blobs opened, by the store or
+    by the hot path itself (a large answer's blob): ``{"hot": n, "opened": n}``."""
     seen = {"hot": 0, "opened": 0}
-    serve, open_blob = mw.hot.serve, mw.store.open
+    serve, open_blob, hot_open = mw.hot.serve, mw.store.open, mw.hot._open
 
     def counted_serve(environ, start_response, key):
         served = serve(environ, start_response, key)
         seen["hot"] += served is not None
         return served
 
-    def counted_open(*args, **kw):
-        seen["opened"] += 1
-        return open_blob(*args, **kw)
+    def counted(opener):
+        def counted_open(*args, **kw):
+            seen["opened"] += 1
+            return opener(*args, **kw)
+        return counted_open
 
-    mw.hot.serve, mw.store.open = counted_serve, counted_open
+    mw.hot.serve, mw.store.open, mw.hot._open = counted_serve, counted(open_blob), counted(hot_open)
     return seen
 
 
@@ -246,6 +251,35 @@ def test_a_missing_blob_behind_a_large_hot_answer_goes_to_the_full_path(make):
     r = get(c)
     assert r.status_code == 200 and r.data.startswith(b"call=2 ")  # dropped and fetched again
     assert app.calls == 2
+
+
+def test_a_blob_of_another_size_behind_a_large_hot_answer_goes_to_the_full_path(make):
+    app = App(headers=[("Cache-Control", "max-age=60")], size=200_000)
+    mw = make(app)
+    c = client(mw)
+    warm(mw, c)
+    [entry] = mw.index.get(KEY)
+    path = mw.store.path(entry.hash)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.truncate(150_000)
+    seen = spy(mw)
+    r = get(c)
+    assert r.status_code == 200
+    assert seen["hot"] == 0 and seen["opened"] == 2  # the hot path's look, then the full path's
+
+
+def test_large_hot_answers_close_their_blob(make):
+    app = App(headers=[("Cache-Control", "max-age=60")], size=200_000)
+    mw = make(app)
+    c = client(mw)
+    warm(mw, c)
+    before = sorted(os.listdir("/proc/self/fd"))
+    seen = spy(mw)
+    for _ in range(20):
+        assert len(get(c).data) == 200_000
+    assert seen == {"hot": 20, "opened": 20}
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_hot_hits_are_recorded_as_uses_for_eviction(make, now):

@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 from ..index import Entry, Index, IndexUnavailable
 from ..policy import ENVIRON_KEY, FOREVER, CacheRules, CacheStatus, response_directives, variant_of
-from ..replay import etag_for, file_body, whole_fields
+from ..replay import etag_for, fd_body, whole_fields
 from ..store import CAFS, BlobNotFound
 from ..wsgi import StartResponse, WSGIEnviron
 from . import hit
@@ -42,6 +42,7 @@ _PLANNED_WITH_COOKIE = _PLANNED | {"HTTP_COOKIE"}
 _NO_BODY = (None, "", "0")  # CONTENT_LENGTH values of a request without a body
 # What an answer costs besides its body and fields (the record, its tuples, the dict slots).
 _OVERHEAD = 512
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 
 
 def plain_hit_request(environ: WSGIEnviron, planned: frozenset[str] = _PLANNED_WITH_COOKIE) -> bool:
@@ -67,7 +68,8 @@ class _Stamp:
 class HotAnswer:
     """A plain hit on ``entry``, built: its status line, its fields up to
     ``Age`` (as :func:`cachefetch.replay.serve_blob_file` sends them for a
-    whole body), and its body (``None`` for a large one, sent from its blob)."""
+    whole body), and its body (``None`` for a large one, sent from its blob
+    at ``blob_path``)."""
 
     entry: Entry
     status: str
@@ -75,6 +77,7 @@ class HotAnswer:
     body: bytes | None
     weight: int
     ident: tuple[str, str]  # (key, variant), as uses are recorded
+    blob_path: str | None = None  # a large answer's blob, worked out once (not once per hit)
     stamp: _Stamp | None = field(default=None)
 
 
@@ -172,20 +175,32 @@ class HotTable:
         """A large answer's body from its blob (through ``wsgi.file_wrapper``,
         so gunicorn ``sendfile``s it); ``None`` if the blob is missing or not
         the entry's size (the full path deals with that)."""
-        entry = answer.entry
-        try:
-            file = self._store.open(entry.hash, buffered=False)
-        except BlobNotFound:
+        fd = self._open(answer)
+        if fd is None:
             return None
         try:
-            if os.fstat(file.fileno()).st_size != entry.size:
-                file.close()
-                return None
             start_response(answer.status, list(stamp.headers))
         except BaseException:
-            file.close()
+            os.close(fd)
             raise
-        return file_body(environ, file, entry.size)
+        return fd_body(environ, fd, answer.entry.size)
+
+    def _open(self, answer: HotAnswer) -> int | None:
+        """A descriptor of a large answer's blob, if the blob is there with
+        the entry's size; else ``None``. A bare descriptor: a file object
+        would cost one more ``fstat`` (and its own set-up) on every hit."""
+        try:
+            fd = os.open(answer.blob_path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size == answer.entry.size:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return None
 
     def learn(self, environ: WSGIEnviron, entry: Entry) -> None:
         """Remember ``entry`` (just served by the full path) if it is fresh
@@ -200,17 +215,20 @@ class HotTable:
         known = variants.get(entry.variant) if variants else None
         if known is not None and known.entry == entry:
             return
-        body = None
+        body = blob_path = None
         if entry.size <= self.max_object_size:
             body = self._read(entry)
             if body is None:
                 return
+        else:
+            blob_path = self._store.path(entry.hash)
         opts = hit.options_for(entry)
         head = whole_fields(opts, opts.etag or etag_for(entry), entry.size)
-        weight = len(body or b"") + _OVERHEAD + sum(len(k) + len(v) for k, v in head) + len(entry.key)
+        weight = (len(body or b"") + _OVERHEAD + sum(len(k) + len(v) for k, v in head) + len(entry.key)
+                  + len(blob_path or ""))
         if weight > self.max_bytes:
             return
-        self._put(HotAnswer(entry, opts.status, tuple(head), body, weight, (entry.key, entry.variant)))
+        self._put(HotAnswer(entry, opts.status, tuple(head), body, weight, (entry.key, entry.variant), blob_path))
 
     def _read(self, entry: Entry) -> bytes | None:
         """The blob's bytes, if it is there and has the entry's size."""
