@@ -172,17 +172,7 @@ class Gunicorn:
 
 def pull(port: int, path: str, buffer_size: int = MiB) -> tuple[int, int]:
     """GET ``path`` on a fresh connection, reading into one buffer and discarding: (status, bytes)."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=300)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        buf = memoryview(bytearray(buffer_size))
-        got = 0
-        while n := resp.readinto(buf):
-            got += n
-        return resp.status, got
-    finally:
-        conn.close()
+    return loadgen.pull(port, path, buffer_size)[:2]
 
 
 def fixed_requests(port: int, path: str, count: int, concurrency: int) -> tuple[int, int, float]:

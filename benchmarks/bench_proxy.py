@@ -462,35 +462,14 @@ class Downloader:
             with open(self.headers_file, "rb") as f:
                 msg = http.client.parse_headers(_Lines(f.read().split(b"\r\n", 1)[-1]))
             return Download(int(status), int(size), float(secs), cache_header(msg))
-        t0 = time.perf_counter()
-        conn = http.client.HTTPConnection(HOST, port, timeout=300)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            buf = memoryview(bytearray(MiB))
-            got = 0
-            while n := resp.readinto(buf):
-                got += n
-            return Download(resp.status, got, time.perf_counter() - t0, cache_header(resp.headers))
-        finally:
-            conn.close()
+        status, size, secs, headers = loadgen.pull(port, path)
+        return Download(status, size, secs, cache_header(headers))
 
 
 def timed_body(port: int, path: str) -> tuple[int, int, float]:
     """One GET on a fresh connection, the body read 1 MiB at a time into one
     buffer: ``(status, bytes, seconds from the request to the last byte)``."""
-    t0 = time.perf_counter()
-    conn = http.client.HTTPConnection(HOST, port, timeout=300)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        buf = memoryview(bytearray(MiB))
-        got = 0
-        while n := resp.readinto(buf):
-            got += n
-        return resp.status, got, time.perf_counter() - t0
-    finally:
-        conn.close()
+    return loadgen.pull(port, path)[:3]
 
 
 class SlowReader:

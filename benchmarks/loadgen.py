@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-__all__ = ["HOST", "Load", "run_wrk", "wrk_version", "keepalive_load", "LoadGenerator", "Fetched", "fetch",
+__all__ = ["HOST", "Load", "run_wrk", "wrk_version", "keepalive_load", "LoadGenerator", "Fetched", "fetch", "pull",
            "all_at_once", "Got", "download_all", "raise_fd_limit"]
 
 HOST = "127.0.0.1"
@@ -233,6 +233,23 @@ class Fetched:
     @property
     def ttfb(self) -> float:
         return self.first_byte - self.start
+
+
+def pull(port: int, path: str, buffer_size: int = 1 << 20) -> tuple[int, int, float, http.client.HTTPMessage]:
+    """One GET on a fresh connection, the body read into one reused buffer and
+    dropped: ``(status, bytes, seconds from the request to the last byte, headers)``."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(HOST, port, timeout=300)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        buf = memoryview(bytearray(buffer_size))
+        got = 0
+        while n := resp.readinto(buf):
+            got += n
+        return resp.status, got, time.perf_counter() - t0, resp.headers
+    finally:
+        conn.close()
 
 
 def fetch(port: int, path: str, start: float | None = None, keep: bool = False,
