@@ -369,47 +369,39 @@ _UPSERT = (f"INSERT INTO entries ({_COLUMNS}, last_used) VALUES (?,?,?,?,?,?,?,?
 _TOUCH = f"UPDATE entries SET last_used = ?, freq = MIN(freq + 1, {FREQ_CAP}) WHERE key = ? AND variant = ?"
 
 
-def _healing(method: Callable[..., _T]) -> Callable[..., _T]:
-    """Run an index operation; a SQLite or OS failure becomes IndexUnavailable
-    (and the failed connection is dropped, so the next call reconnects)."""
-
-    @functools.wraps(method)
-    def healing(self: "SQLiteIndex", *args: Any, **kwargs: Any) -> _T:
-        local = self._local
-        local.used = False
-        try:
-            result = method(self, *args, **kwargs)
-            if local.used:
-                self._confirm(local)
-            return result
-        except (sqlite3.Error, OSError) as exc:
-            raise self._failed(exc) from exc
-
-    return healing
-
-
-def _confirmed(method: Callable[..., _T]) -> Callable[..., _T]:
-    """Run a maintenance operation (its SQLite errors reach the caller as
-    they are); one made on a file the path no longer names raises
-    IndexUnavailable, as under :func:`_healing`."""
-
-    @functools.wraps(method)
-    def confirmed(self: "SQLiteIndex", *args: Any, **kwargs: Any) -> _T:
-        local = self._local
-        local.used = False
-        result = method(self, *args, **kwargs)
-        if local.used:
-            try:
-                self._confirm(local)
-            except _Moved as exc:
-                raise self._failed(exc) from exc
-        return result
-
-    return confirmed
-
-
 class _Moved(sqlite3.OperationalError):
     """The database file was moved or replaced while a connection used it."""
+
+
+def _checked(*, converting: bool) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """Run an index operation, then confirm that the file it used is still
+    the path's (:meth:`SQLiteIndex._confirm`): one made on a moved file
+    raises IndexUnavailable. With ``converting``, any SQLite or OS failure
+    becomes IndexUnavailable too (and the failed connection is dropped, so
+    the next call reconnects); without it (maintenance), the error reaches
+    the caller as it is."""
+    failures = (sqlite3.Error, OSError) if converting else _Moved
+
+    def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(method)
+        def checked(self: "SQLiteIndex", *args: Any, **kwargs: Any) -> _T:
+            local = self._local
+            local.used = False
+            try:
+                result = method(self, *args, **kwargs)
+                if local.used:
+                    self._confirm(local)
+                return result
+            except failures as exc:
+                raise self._failed(exc) from exc
+
+        return checked
+
+    return decorate
+
+
+_healing = _checked(converting=True)
+_confirmed = _checked(converting=False)
 
 
 def _identity(path: str) -> tuple[int, int] | None:

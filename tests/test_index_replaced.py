@@ -69,8 +69,11 @@ def test_a_read_on_a_moved_database_never_answers_with_another_keys_row(tmp_path
                 answers.append((key, index.get(key)))
             except IndexUnavailable:
                 continue
-    finally:
         writer.execute("ROLLBACK")
+        # Its commit over, the path's database answers: the new one's rows, not the moved file's.
+        answers += [(key, index.get(key)) for key in KEYS[20:25]]
+        assert [got for _, got in answers[-5:]] == [[entry(key, salt="other ")] for key in KEYS[20:25]]
+    finally:
         writer.close()
         index.close()
     wrong = [(key, [e.key for e in got]) for key, got in answers if any(e.key != key for e in got)]
