@@ -711,7 +711,7 @@ class SQLiteIndex:
             local.view.close()
         if getattr(local, "gen_pid", None) == os.getpid():
             os.close(local.gen_fd)
-        local.gen_pid = local.view_pid = None
+        local.gen_pid = local.view_pid = local.view = None
         self._memo = {}
 
     def _rebuild(self, exc: BaseException) -> None:
@@ -769,16 +769,33 @@ class SQLiteIndex:
         self._memo = {}
         os.pwrite(self._generation_fd(), secrets.token_bytes(_GENERATION_SIZE), 0)
 
-    @_healing
     def get(self, key: str) -> list[Entry]:
         """Every stored variant for ``key``, as of every change already made.
 
         While the index is unchanged the same list (the memo's) is returned
         again: callers must not change it.
         """
+        # Every hit comes through here, so a memo hit is answered before any
+        # other call: no decorator, no getpid (a system call, which costs a
+        # hit far more under gunicorn's threads than in a loop). The mapping
+        # needs no per-process check: a MAP_SHARED view inherited over a fork
+        # reads the same file. Connections do; _lookup checks them.
+        local = self._local
+        view = getattr(local, "view", None)
+        if view is not None and time.monotonic() - local.checked < 1.0 \
+                and view[:_GENERATION_SIZE] == self._memo_generation:
+            entries = self._memo.get(key)
+            if entries is not None:
+                return entries
+        return self._lookup(key)
+
+    @_healing
+    def _lookup(self, key: str) -> list[Entry]:
+        """:meth:`get` past the memo: reconnect if the file's last check is a
+        second old, renew the memo if the generation moved, read the rows."""
         if time.monotonic() - getattr(self._local, "checked", 0.0) >= 1.0:
             self._connect()  # a memo hit uses no connection: still notice a replaced file within a second
-        # generation() without its own _healing wrapper: every hit comes through here
+        # generation() without its own _healing wrapper
         generation = self._generation_view()[:_GENERATION_SIZE]
         if generation != self._memo_generation:
             self._memo, self._memo_generation = {}, generation

@@ -39,3 +39,60 @@ def test_a_change_through_one_index_is_seen_by_the_next_get_of_another(tmp_path,
     finally:
         writer.close()
         reader.close()
+
+
+def test_a_memo_hit_asks_the_kernel_nothing(tmp_path, monkeypatch):
+    """Every hit reads the index: while its memo answers, a ``get`` reads the
+    mapped generation file and nothing else (no ``getpid``, no ``stat``:
+    under gunicorn's threads each system call costs a hit several times its
+    own time)."""
+    index = SQLiteIndex(tmp_path / "index.sqlite3")
+    try:
+        index.put(entry(1))
+        assert index.get("k") == [entry(1)]  # the memo is filled
+        calls = []
+        for name in ("getpid", "stat", "fstat", "pread"):
+            real = getattr(index_module.os, name)
+            monkeypatch.setattr(index_module.os, name,
+                                lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        for _ in range(100):
+            assert index.get("k") == [entry(1)]
+        assert calls == []
+    finally:
+        monkeypatch.undo()
+        index.close()
+
+
+def test_a_forked_child_reads_the_index_it_inherited_and_sees_later_changes(tmp_path):
+    """The memo and the mapping survive a fork (gunicorn forks workers); the
+    child's first SQL read opens its own connection."""
+    import os
+
+    path = tmp_path / "index.sqlite3"
+    index = SQLiteIndex(path)
+    writer = SQLiteIndex(path)
+    go_read, go_write = os.pipe()
+    done_read, done_write = os.pipe()
+    try:
+        writer.put(entry(1))
+        assert index.get("k") == [entry(1)]  # memo and mapping made before the fork
+        pid = os.fork()
+        if pid == 0:  # the child: exit codes only, never back into pytest
+            code = 1
+            try:
+                if index.get("k") == [entry(1)]:
+                    os.write(done_write, b"1")
+                    os.read(go_read, 1)  # the parent has changed the index
+                    code = 0 if index.get("k") == [entry(2)] and index._local.pid == os.getpid() else 2
+            finally:
+                os._exit(code)
+        assert os.read(done_read, 1) == b"1"
+        writer.put(entry(2))
+        os.write(go_write, b"1")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        for fd in (go_read, go_write, done_read, done_write):
+            os.close(fd)
+        writer.close()
+        index.close()

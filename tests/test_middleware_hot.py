@@ -164,6 +164,33 @@ def test_a_stale_entry_is_never_answered_from_memory(make, now):
     assert seen["hot"] == 1 and app.calls == 2
 
 
+def test_age_and_ttl_of_hot_answers_change_at_the_instants_they_should(make, now):
+    """A hot answer's fields are built once per second, yet at every instant
+    its ``Age`` and ``ttl`` are what the entry says then, up to its expiry.
+    Heuristic freshness (a tenth of 37 s since Last-Modified) makes the two
+    tick at different fractions of a second; the body came 0.3 s after its
+    ``Date``, so its age started at 0.3."""
+    from email.utils import formatdate
+
+    app = App(headers=[("Date", formatdate(now[0], usegmt=True)),
+                       ("Last-Modified", formatdate(now[0] - 37, usegmt=True))], size=100)
+    mw = make(app)
+    c = client(mw)
+    now[0] += 0.3
+    warm(mw, c)
+    [entry] = mw.index.get(KEY)
+    assert entry.expires_at - entry.stored_at + entry.initial_age == pytest.approx(3.7)
+    seen = spy(mw)
+    served = 0
+    while now[0] + 0.05 < entry.expires_at:
+        now[0] += 0.05
+        r = get(c)
+        served += 1
+        ttl = int(entry.expires_at - now[0])
+        assert (r.headers["Age"], cache_status(r)) == (str(entry.age(now[0])), f"cachefetch; hit; ttl={ttl}"), now[0]
+    assert served >= 60 and seen["hot"] == served and app.calls == 1
+
+
 def test_a_no_cache_response_is_never_kept(make):
     app = App(headers=[("Cache-Control", "no-cache"), ("ETag", '"e"')], size=100)
     mw = make(app)

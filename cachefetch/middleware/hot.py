@@ -56,12 +56,13 @@ def plain_hit_request(environ: WSGIEnviron, planned: frozenset[str] = _PLANNED_W
 
 @dataclass(frozen=True, slots=True)
 class _Stamp:
-    """An answer's fields for one ``Age`` and ``ttl`` (both change once a second), built once each."""
+    """An answer's fields for one ``Age`` and ``ttl`` (both change once a
+    second), built once each, and good until ``until`` (epoch seconds): the
+    first instant either would read differently, never past the entry's expiry."""
 
-    age: int
-    ttl: int | None
     headers: tuple[tuple[str, str], ...]
     status: CacheStatus
+    until: float
 
 
 @dataclass(slots=True, eq=False)
@@ -81,10 +82,38 @@ class HotAnswer:
     stamp: _Stamp | None = field(default=None)
 
 
-def _stamp(answer: HotAnswer, age: int, ttl: int | None) -> _Stamp:
-    """``answer``'s fields with ``Age: age`` and ``Cache-Status: hit; ttl=ttl``."""
+def _stamp(answer: HotAnswer, now: float) -> _Stamp | None:
+    """``answer``'s fields as of ``now``: ``Age`` and ``Cache-Status: hit;
+    ttl=``; ``None`` if its entry is stale by then."""
+    entry = answer.entry
+    expires = entry.expires_at
+    if expires is not None and not expires - now > 0:
+        return None
+    age = entry.age(now)
+    # Age is int(now - stored_at + initial_age) (from stored_at on): it next
+    # changes when that sum reaches age + 1. ttl is int(expires - now): it
+    # next changes once now passes expires - ttl, which is also never later
+    # than the expiry itself.
+    until = entry.stored_at - entry.initial_age + age + 1
+    ttl = None
+    if expires is not None and expires != FOREVER:
+        ttl = int(expires - now)
+        until = min(until, expires - ttl)
     status = CacheStatus(hit=True, ttl=ttl)
-    return _Stamp(age, ttl, (*answer.head, ("Age", str(age)), CacheStatus.header(status)), status)
+    return _Stamp((*answer.head, ("Age", str(age)), CacheStatus.header(status)), status, until)
+
+
+@dataclass(slots=True, eq=False)
+class _Known:
+    """What the table holds for one key: its answers by variant (replaced
+    whole, under the table's lock, never changed in place), and ``fast``:
+    the list ``Index.get`` returned when the key's one, non-varying answer
+    was last found to be its entry, with that answer. While the index
+    returns that same list object (its memo: nothing changed since), the
+    answer needs no other check."""
+
+    answers: dict[str, HotAnswer]
+    fast: tuple[list[Entry], HotAnswer] | None = None  # one tuple: read and replaced atomically
 
 
 class HotTable:
@@ -115,9 +144,9 @@ class HotTable:
         self.max_object_size = max_object_size
         self._planned = _PLANNED if rules.cookies == "ignore" else _PLANNED_WITH_COOKIE
         self._lock = threading.Lock()
-        # key -> variant -> answer. Read without the lock (single dict lookups);
+        # key -> its answers. Read without the lock (single dict lookups);
         # changed only under it.
-        self._table: dict[str, dict[str, HotAnswer]] = {}
+        self._table: dict[str, _Known] = {}
         self._bytes = 0  # guarded by _lock
 
     @property
@@ -126,41 +155,34 @@ class HotTable:
         return self._bytes
 
     def __len__(self) -> int:
-        return sum(len(v) for v in list(self._table.values()))
+        return sum(len(known.answers) for known in list(self._table.values()))
 
     def serve(self, environ: WSGIEnviron, start_response: StartResponse, key: str) -> Iterable[bytes] | None:
         """Answer from memory if this is a plain-hit request for a remembered
         entry that is still the index's, fresh; else ``None``, having sent nothing."""
         # Every hit runs this: it is written flat, with no call it can do without.
-        variants = self._table.get(key)
-        if (variants is None or environ.get("REQUEST_METHOD") != "GET" or not environ.keys().isdisjoint(self._planned)
+        known = self._table.get(key)
+        if (known is None or environ.get("REQUEST_METHOD") != "GET" or not environ.keys().isdisjoint(self._planned)
                 or environ.get("CONTENT_LENGTH") not in _NO_BODY):
             return None
         try:
             entries = self._index.get(key)
         except IndexUnavailable:
             return None  # the full path answers uncached
-        for entry in entries:  # hit.matching, without the call for a response that does not vary
-            if entry.variant == (variant_of(environ, entry.vary) if entry.vary else ""):
-                break
+        fast = known.fast
+        if fast is not None and fast[0] is entries:
+            answer = fast[1]
         else:
-            self._prune(key, entries)
-            return None
-        answer = variants.get(entry.variant)
-        if answer is None:
-            return None
-        if answer.entry is not entry and answer.entry != entry:  # replaced or refreshed since
-            self._prune(key, entries)
-            return None
+            answer = self._check(key, known, entries, environ)
+            if answer is None:
+                return None
         now = self._clock()
-        expires = entry.expires_at
-        if expires is not None and not expires - now > 0:
-            return None  # stale: the full path decides (revalidate, swr, stale-if-error...)
-        age = entry.age(now)
-        ttl = None if expires is None or expires == FOREVER else int(expires - now)
         stamp = answer.stamp
-        if stamp is None or stamp.age != age or stamp.ttl != ttl:
-            stamp = answer.stamp = _stamp(answer, age, ttl)  # a racing thread sees the old stamp or this one
+        if stamp is None or not now < stamp.until:
+            stamp = _stamp(answer, now)
+            if stamp is None:
+                return None  # stale: the full path decides (revalidate, swr, stale-if-error...)
+            answer.stamp = stamp  # a racing thread sees the old stamp or this one
             # A use is recorded once per stamp, so once a second at most: the
             # recorder keeps one time per entry for a batch of several seconds anyway.
             self._uses.note(answer.ident, now)
@@ -169,6 +191,26 @@ class HotTable:
             start_response(answer.status, list(stamp.headers))
             return [answer.body]
         return self._send_blob(environ, start_response, answer, stamp)
+
+    def _check(self, key: str, known: _Known, entries: list[Entry], environ: WSGIEnviron) -> HotAnswer | None:
+        """The answer for the request's variant if it was built from the entry
+        the index holds now (``entries``); else ``None``, having dropped the
+        answers the index no longer holds."""
+        for entry in entries:  # hit.matching, without the call for a response that does not vary
+            if entry.variant == (variant_of(environ, entry.vary) if entry.vary else ""):
+                break
+        else:
+            self._prune(key, entries)
+            return None
+        answer = known.answers.get(entry.variant)
+        if answer is None:
+            return None
+        if answer.entry is not entry and answer.entry != entry:  # replaced or refreshed since
+            self._prune(key, entries)
+            return None
+        if len(entries) == 1 and not entry.vary:
+            known.fast = (entries, answer)
+        return answer
 
     def _send_blob(self, environ: WSGIEnviron, start_response: StartResponse, answer: HotAnswer,
                    stamp: _Stamp) -> Iterable[bytes] | None:
@@ -211,8 +253,8 @@ class HotTable:
         cc, _ = response_directives(entry.headers, self._rules.targeted_fields)
         if cc.no_cache:
             return
-        variants = self._table.get(entry.key)
-        known = variants.get(entry.variant) if variants else None
+        held = self._table.get(entry.key)
+        known = held.answers.get(entry.variant) if held else None
         if known is not None and known.entry == entry:
             return
         body = blob_path = None
@@ -243,30 +285,30 @@ class HotTable:
     def _put(self, answer: HotAnswer) -> None:
         entry = answer.entry
         with self._lock:
-            variants = self._table.pop(entry.key, {})  # re-inserted last: the newest learnt
-            old = variants.get(entry.variant)
+            held = self._table.pop(entry.key, None)  # re-inserted last: the newest learnt
+            answers = held.answers if held else {}
+            old = answers.get(entry.variant)
             if old is not None:
                 self._bytes -= old.weight
-            variants = {**variants, entry.variant: answer}
-            self._table[entry.key] = variants
+            self._table[entry.key] = _Known({**answers, entry.variant: answer})
             self._bytes += answer.weight
             while self._bytes > self.max_bytes:
                 oldest = next(iter(self._table))
-                for gone in self._table.pop(oldest).values():
+                for gone in self._table.pop(oldest).answers.values():
                     self._bytes -= gone.weight
 
     def _prune(self, key: str, entries: list[Entry]) -> None:
         """Drop ``key``'s answers whose entries the index no longer holds as they were."""
         with self._lock:
-            variants = self._table.get(key)
-            if variants is None:
+            held = self._table.get(key)
+            if held is None:
                 return
-            kept = {v: a for v, a in variants.items() if a.entry in entries}
+            kept = {v: a for v, a in held.answers.items() if a.entry in entries}
             if kept:
-                self._table[key] = kept
+                self._table[key] = _Known(kept)
             else:
                 del self._table[key]
-            self._bytes -= sum(a.weight for v, a in variants.items() if v not in kept)
+            self._bytes -= sum(a.weight for v, a in held.answers.items() if v not in kept)
 
     def clear(self) -> None:
         """Forget every answer."""

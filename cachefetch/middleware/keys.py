@@ -31,20 +31,23 @@ def _host_of(environ: WSGIEnviron) -> str:
     return host
 
 
+def _parts(environ: WSGIEnviron) -> tuple[str, str, str, str]:
+    """``(scheme, host, path, query)`` of the request, the path still decoded."""
+    return (environ.get("wsgi.url_scheme", "http"), _host_of(environ),
+            environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+
+
 def request_url(environ: WSGIEnviron) -> str:
     """``scheme://host/path?query`` of the request: the same for every method.
 
     The path is percent-encoded again from the decoded ``PATH_INFO``, so
     ``/a%20b`` and ``/a b`` are one URL; the query is kept as sent.
     """
-    return _url(environ, _host_of(environ))
+    return _url_of(*_parts(environ))
 
 
-def _url(environ: WSGIEnviron, host: str) -> str:
-    query = environ.get("QUERY_STRING", "")
-    return (f"{environ.get('wsgi.url_scheme', 'http')}://{host.lower()}"
-            f"{_quoted(environ.get('SCRIPT_NAME', '') + environ.get('PATH_INFO', ''))}"
-            + (f"?{query}" if query else ""))
+def _url_of(scheme: str, host: str, path: str, query: str) -> str:
+    return f"{scheme}://{host.lower()}{_quoted(path)}" + (f"?{query}" if query else "")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -57,10 +60,13 @@ def default_key(environ: WSGIEnviron) -> str | None:
     """The default cache key: :func:`request_url`, or ``None`` (not cached)
     when the ``Host`` is not a plain host and port: a ``Host`` carrying a path
     would otherwise store its answer under another URL's key."""
-    host = _host_of(environ)
-    if not valid_host(host):
-        return None
-    return _url(environ, host)
+    return _key_of(*_parts(environ))
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_of(scheme: str, host: str, path: str, query: str) -> str | None:
+    """:func:`default_key` of its parts (every hit computes its key: a hot one is looked up, not rebuilt)."""
+    return _url_of(scheme, host, path, query) if valid_host(host) else None
 
 
 class HostKey:
