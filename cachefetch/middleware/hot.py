@@ -57,11 +57,13 @@ def plain_hit_request(environ: WSGIEnviron, planned: frozenset[str] = _PLANNED_W
 @dataclass(frozen=True, slots=True)
 class _Stamp:
     """An answer's fields for one ``Age`` and ``ttl`` (both change once a
-    second), built once each, and good until ``until`` (epoch seconds): the
-    first instant either would read differently, never past the entry's expiry."""
+    second), built once each, and good from ``since`` until ``until`` (epoch
+    seconds): outside it either would read differently (``until`` is never
+    past the entry's expiry; ``since`` matters if the clock steps back)."""
 
     headers: tuple[tuple[str, str], ...]
     status: CacheStatus
+    since: float
     until: float
 
 
@@ -90,17 +92,18 @@ def _stamp(answer: HotAnswer, now: float) -> _Stamp | None:
     if expires is not None and not expires - now > 0:
         return None
     age = entry.age(now)
-    # Age is int(now - stored_at + initial_age) (from stored_at on): it next
-    # changes when that sum reaches age + 1. ttl is int(expires - now): it
-    # next changes once now passes expires - ttl, which is also never later
-    # than the expiry itself.
-    until = entry.stored_at - entry.initial_age + age + 1
+    # Age is int(now - stored_at + initial_age) (from stored_at on): it reads
+    # age while that sum is in [age, age + 1). ttl is int(expires - now): it
+    # reads ttl while expires - now is in [ttl, ttl + 1), so never past the
+    # expiry itself.
+    since = entry.stored_at - entry.initial_age + age
+    until = since + 1
     ttl = None
     if expires is not None and expires != FOREVER:
         ttl = int(expires - now)
-        until = min(until, expires - ttl)
+        since, until = max(since, expires - ttl - 1), min(until, expires - ttl)
     status = CacheStatus(hit=True, ttl=ttl)
-    return _Stamp((*answer.head, ("Age", str(age)), CacheStatus.header(status)), status, until)
+    return _Stamp((*answer.head, ("Age", str(age)), CacheStatus.header(status)), status, since, until)
 
 
 @dataclass(slots=True, eq=False)
@@ -178,7 +181,7 @@ class HotTable:
                 return None
         now = self._clock()
         stamp = answer.stamp
-        if stamp is None or not now < stamp.until:
+        if stamp is None or not stamp.since <= now < stamp.until:
             stamp = _stamp(answer, now)
             if stamp is None:
                 return None  # stale: the full path decides (revalidate, swr, stale-if-error...)
