@@ -369,7 +369,7 @@ class Bench:
 
         self.notes.append(
             f"during the 4 KiB runs, CPU busy outside this benchmark's servers and load generator (other "
-            f"processes, interrupts): {statistics.mean(others):.2f} of {os.cpu_count()} CPUs on average "
+            f"processes, interrupts): {max(0.0, statistics.mean(others)):.2f} of {os.cpu_count()} CPUs on average "
             f"(max {max(others):.2f}); absolute req/s move with it, the interleaved ratios and CPU/req less")
         rates = {name: [load.rps for load, _ in runs[name]] for name in runs}
         rates["floor"] = [(a + b) / 2 for a, b in zip(rates["floor"], rates.pop("floor-b"))]  # per round
