@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, TypeVar
 
 import blake3
@@ -421,7 +421,11 @@ def _is_damage(exc: BaseException) -> bool:
 
 
 class _PreadView:
-    """The generation file read with ``pread`` where it cannot be mapped."""
+    """The generation file read with ``pread`` where it cannot be mapped.
+
+    :param fd: a descriptor of its own (closed with the view, as a
+        mapping's duplicate is), so no thread reads one closed under it.
+    """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -429,8 +433,25 @@ class _PreadView:
     def __getitem__(self, part: slice) -> bytes:
         return os.pread(self._fd, part.stop, 0)
 
-    def close(self) -> None:
-        pass  # the file descriptor is the index's
+    def __del__(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Generation:
+    """This process's read-only view of the generation file, shared by its
+    threads: ``identity`` is the database file the path named beside it,
+    last confirmed at ``checked`` (``time.monotonic()``). Replaced whole,
+    never closed while shared: a view goes (and its descriptor is closed)
+    when no thread holds it any more."""
+
+    view: "mmap.mmap | _PreadView"
+    pid: int
+    identity: tuple[int, int] | None
+    checked: float
 
 
 def _entry(row: tuple) -> Entry:
@@ -624,6 +645,7 @@ class SQLiteIndex:
         if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
             raise FileNotFoundError(f"the index's directory does not exist: {self.path}")
         self._heal = heal
+        self._gen: _Generation | None = None  # replaced whole (one assignment), by any thread
         #: Where a damaged database was moved before this index rebuilt it (None: it was sound).
         self.rebuilt_from: str | None = None
         try:
@@ -667,7 +689,7 @@ class SQLiteIndex:
             db.close()
             raise
         local.db, local.pid = db, os.getpid()
-        local.identity, local.checked = opened, time.monotonic()
+        local.identity = opened
         return db
 
     def _replaced(self, local: threading.local) -> bool:
@@ -679,7 +701,6 @@ class SQLiteIndex:
         moved away would take the journal of the database now at the path for
         its own, and while that one commits, replay its pages into its own
         file and read rows of other keys (``tests/test_index_replaced.py``)."""
-        local.checked = time.monotonic()
         if _identity(self.path) == local.identity:
             return False
         log.warning("the index %s was removed or replaced; reopening it", self.path)
@@ -707,11 +728,10 @@ class SQLiteIndex:
                 db.close()
             except sqlite3.Error:
                 pass
-        if getattr(local, "view_pid", None) == os.getpid():
-            local.view.close()
         if getattr(local, "gen_pid", None) == os.getpid():
             os.close(local.gen_fd)
-        local.gen_pid = local.view_pid = local.view = None
+        local.gen_pid = None
+        self._gen = None  # checked anew by the next get
         self._memo = {}
 
     def _rebuild(self, exc: BaseException) -> None:
@@ -742,22 +762,31 @@ class SQLiteIndex:
         return local.gen_fd
 
     def _generation_view(self) -> "mmap.mmap | _PreadView":
-        """This thread's read-only mapping of the generation file. Reading it
+        """This process's read-only mapping of the generation file, beside the
+        database the path names (checked if the last check is a second old:
+        a store deleted or replaced gets a view of its new file). Reading it
         is no system call, so a hit keeps the GIL (a ``pread`` gave it up, and
         under gunicorn's threads that cost context switches on every request).
         The file is only ever overwritten in place, never shortened, so a read
         of the mapping cannot fault past its end (SIGBUS)."""
-        local = self._local
-        if getattr(local, "view_pid", None) != os.getpid():
-            fd = self._generation_fd()
-            if os.fstat(fd).st_size < _GENERATION_SIZE:  # a new file: its first token
-                os.pwrite(fd, secrets.token_bytes(_GENERATION_SIZE), 0)
-            try:
-                local.view = mmap.mmap(fd, _GENERATION_SIZE, prot=mmap.PROT_READ)
-            except (OSError, ValueError):  # a file system that cannot map files: read it
-                local.view = _PreadView(fd)
-            local.view_pid = os.getpid()
-        return local.view
+        gen, now = self._gen, time.monotonic()
+        if gen is not None and gen.pid == os.getpid():
+            if now - gen.checked < 1.0:
+                return gen.view
+            identity = _identity(self.path)
+            if identity is not None and identity == gen.identity:
+                self._gen = replace(gen, checked=now)
+                return gen.view
+        self._connect()  # the database first: a changed file reopens this thread's connection and generation file
+        fd = self._generation_fd()
+        if os.fstat(fd).st_size < _GENERATION_SIZE:  # a new file: its first token
+            os.pwrite(fd, secrets.token_bytes(_GENERATION_SIZE), 0)
+        try:
+            view: mmap.mmap | _PreadView = mmap.mmap(fd, _GENERATION_SIZE, prot=mmap.PROT_READ)  # dups fd
+        except (OSError, ValueError):  # a file system that cannot map files: read it
+            view = _PreadView(os.dup(fd))
+        self._gen = _Generation(view, os.getpid(), self._local.identity, now)
+        return view
 
     @_healing
     def generation(self) -> bytes:
@@ -776,14 +805,13 @@ class SQLiteIndex:
         again: callers must not change it.
         """
         # Every hit comes through here, so a memo hit is answered before any
-        # other call: no decorator, no getpid (a system call, which costs a
-        # hit far more under gunicorn's threads than in a loop). The mapping
-        # needs no per-process check: a MAP_SHARED view inherited over a fork
-        # reads the same file. Connections do; _lookup checks them.
-        local = self._local
-        view = getattr(local, "view", None)
-        if view is not None and time.monotonic() - local.checked < 1.0 \
-                and view[:_GENERATION_SIZE] == self._memo_generation:
+        # other call: no decorator, no thread-local, no getpid (a system call,
+        # which costs a hit far more under gunicorn's threads than in a loop).
+        # The mapping needs no per-process check: a MAP_SHARED view inherited
+        # over a fork reads the same file. Connections do; _lookup checks them.
+        gen = self._gen
+        if gen is not None and time.monotonic() - gen.checked < 1.0 \
+                and gen.view[:_GENERATION_SIZE] == self._memo_generation:
             entries = self._memo.get(key)
             if entries is not None:
                 return entries
@@ -791,10 +819,10 @@ class SQLiteIndex:
 
     @_healing
     def _lookup(self, key: str) -> list[Entry]:
-        """:meth:`get` past the memo: reconnect if the file's last check is a
-        second old, renew the memo if the generation moved, read the rows."""
-        if time.monotonic() - getattr(self._local, "checked", 0.0) >= 1.0:
-            self._connect()  # a memo hit uses no connection: still notice a replaced file within a second
+        """:meth:`get` past the memo: check the file if the last check is a
+        second old (a memo hit uses no connection: a replaced file is still
+        noticed within a second), renew the memo if the generation moved, read
+        the rows."""
         # generation() without its own _healing wrapper
         generation = self._generation_view()[:_GENERATION_SIZE]
         if generation != self._memo_generation:
@@ -1126,11 +1154,10 @@ class SQLiteIndex:
         db = getattr(local, "db", None)
         if db is not None and local.pid == os.getpid():
             db.close()
-        if getattr(local, "view_pid", None) == os.getpid():
-            local.view.close()
         if getattr(local, "gen_pid", None) == os.getpid():
             os.close(local.gen_fd)
         self._local = threading.local()
+        self._gen = None  # the view goes once no other thread holds it
 
 
 _WAL_LIMIT = 4 << 20

@@ -34,7 +34,7 @@ def test_a_change_through_one_index_is_seen_by_the_next_get_of_another(tmp_path,
         assert reader.get("k") == [entry(2)]
         writer.delete("k")
         assert reader.get("k") == []
-        view = reader._local.view
+        view = reader._gen.view
         assert isinstance(view, mmap.mmap) if mapped else isinstance(view, index_module._PreadView)
     finally:
         writer.close()
@@ -96,3 +96,43 @@ def test_a_forked_child_reads_the_index_it_inherited_and_sees_later_changes(tmp_
             os.close(fd)
         writer.close()
         index.close()
+
+
+def test_memo_hits_see_a_replaced_store_within_a_second(tmp_path, monkeypatch):
+    """A thread that only ever hits the memo still notices, within a second
+    (of ``time.monotonic``, injected here), a store directory replaced by
+    another: its next get answers from the new database."""
+    import os
+    import time
+
+    clock = [1000.0]
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def monotonic():
+            return clock[0]
+
+    monkeypatch.setattr(index_module, "time", Clock())
+    store = tmp_path / "store"
+    store.mkdir()
+    path = store / "index.sqlite3"
+    reader, old = SQLiteIndex(path), SQLiteIndex(path)
+    old.put(entry(1))
+    old.close()
+    assert reader.get("k") == [entry(1)]  # in the memo now
+    os.rename(store, tmp_path / "moved")
+    store.mkdir()
+    new = SQLiteIndex(path)
+    try:
+        new.put(entry(2))
+        clock[0] += 0.5
+        assert reader.get("k") == [entry(1)]  # the memo's, for up to a second
+        clock[0] += 0.5
+        assert reader.get("k") == [entry(2)]
+        assert reader.get("k") is reader.get("k")  # and the memo serves the new store's
+    finally:
+        new.close()
+        reader.close()
