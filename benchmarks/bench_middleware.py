@@ -59,6 +59,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
@@ -266,15 +267,17 @@ def rotated(servers: dict[str, "Gunicorn"], round_: int) -> list[tuple[str, "Gun
     return list(orders[round_ % len(orders)])
 
 
-def ratio_interval(num: list[float], den: list[float], resamples: int = 2000) -> tuple[float, float]:
-    """The 95% bootstrap interval of ``sum(num) / sum(den)``, resampling the
-    rounds (a round's batches stay together, so a drift between rounds stays out)."""
+def ratio_interval(num: list[float], den: list[float], resamples: int = 2000,
+                   statistic: Callable[[list[float]], float] = sum) -> tuple[float, float]:
+    """The 95% bootstrap interval of ``statistic(num) / statistic(den)``,
+    resampling the rounds (a round's batches stay together, so a drift
+    between rounds stays out)."""
     rng = random.Random(10)  # the same interval for the same measurements
     rounds = range(len(num))
     ratios = []
     for _ in range(resamples):
         pick = rng.choices(rounds, k=len(num))
-        ratios.append(sum(num[i] for i in pick) / sum(den[i] for i in pick))
+        ratios.append(statistic([num[i] for i in pick]) / statistic([den[i] for i in pick]))
     ratios.sort()
     return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
@@ -403,11 +406,11 @@ class Bench:
                             "skipped: Flask-Caching is not installed", "–", "≥ 2.0", "skipped"))
         best = rps["floor"] / rps["flask-caching"] if have_fc else float("nan")
         floor = rps["cachefetch"] / rps["floor"]
-        low, high = ratio_interval(rates["cachefetch"], rates["floor"])
+        low, high = ratio_interval(rates["cachefetch"], rates["floor"], statistic=statistics.median)
         per_round = [c / f for c, f in zip(rates["cachefetch"], rates["floor"])]
         log(f"4 KiB: CacheFetch ÷ bare {floor:.3f} [{low:.3f}–{high:.3f}], per round {per_round}; "
             f"bare-b ÷ bare-a per round {aa}")
-        noise = (f"; 95% interval of the ratio (bootstrap over rounds) {low:.2f}–{high:.2f}, median of the "
+        noise = (f"; 95% interval of that ratio of medians (bootstrap over rounds) {low:.2f}–{high:.2f}, median of the "
                  f"per-round ratios {statistics.median(per_round):.2f} (range {min(per_round):.2f}–"
                  f"{max(per_round):.2f}); the run's noise: one bare instance ÷ the other, per round, median "
                  f"{statistics.median(aa):.2f} (range {min(aa):.2f}–{max(aa):.2f})") if rounds > 1 else ""
