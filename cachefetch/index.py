@@ -101,7 +101,9 @@ class Index(Protocol):
     """
 
     def get(self, key: str) -> list[Entry]:
-        """Every stored variant for ``key`` (usually zero or one)."""
+        """Every stored variant for ``key`` (usually zero or one). A list once
+        returned is never changed: a change returns a new one (the hot path
+        takes the same list object again to mean nothing changed)."""
 
     def put(self, entry: Entry) -> None:
         """Store ``entry``, replacing the one with the same key and variant."""
