@@ -2,9 +2,10 @@
 """Benchmark the CacheFetch middleware under real gunicorn; print a Markdown table, write it and a chart.
 
 Every server is ``python -m gunicorn -k gthread -w 2 --threads 32`` on
-127.0.0.1 (``-w 1`` in scenario 1: see :data:`SMALL_WORKERS`), serving an app from ``benchmarks/bench_apps.py``; the load comes
-from ``wrk`` when it is on PATH, else from a Python client. Every number in
-the table is measured in the same run:
+127.0.0.1 (``-w 1`` in scenario 1: see :data:`SMALL_WORKERS`), serving an app
+from ``benchmarks/bench_apps.py``; the load comes from ``wrk`` when it is on
+PATH, else from a Python client. Every number in the table is measured in the
+same run:
 
 1. hit path, 4 KiB body: req/s of a Flask view wrapped in CacheFetch (entry
    warmed first) vs the same app unwrapped (body from memory), and vs the same
@@ -114,7 +115,6 @@ class Gunicorn:
 
     def __init__(self, workdir: str, name: str, env: dict[str, str], workers: int = WORKERS) -> None:
         self.name = name
-        self.workers = workers
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix=f"gunicorn-{name}-", dir=workdir)
         self.ready = os.path.join(self.dir, "ready")
