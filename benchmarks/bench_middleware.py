@@ -410,8 +410,8 @@ class Bench:
         per_round = [c / f for c, f in zip(rates["cachefetch"], rates["floor"])]
         log(f"4 KiB: CacheFetch ÷ bare {floor:.3f} [{low:.3f}–{high:.3f}], per round {per_round}; "
             f"bare-b ÷ bare-a per round {aa}")
-        noise = (f"; 95% interval of that ratio of medians (bootstrap over rounds) {low:.2f}–{high:.2f}, median of the "
-                 f"per-round ratios {statistics.median(per_round):.2f} (range {min(per_round):.2f}–"
+        noise = (f"; 95% interval of that ratio of medians (bootstrap over rounds) {low:.2f}–{high:.2f}, "
+                 f"median of the per-round ratios {statistics.median(per_round):.2f} (range {min(per_round):.2f}–"
                  f"{max(per_round):.2f}); the run's noise: one bare instance ÷ the other, per round, median "
                  f"{statistics.median(aa):.2f} (range {min(aa):.2f}–{max(aa):.2f})") if rounds > 1 else ""
         rows.append(Row("1c. hit, 4 KiB: req/s, CacheFetch ÷ gunicorn's ceiling (a bare WSGI app returning the "
