@@ -73,29 +73,34 @@ def test_a_forked_child_reads_the_index_it_inherited_and_sees_later_changes(tmp_
     writer = SQLiteIndex(path)
     go_read, go_write = os.pipe()
     done_read, done_write = os.pipe()
+    writer.put(entry(1))
+    assert index.get("k") == [entry(1)]  # memo and mapping made before the fork
+    pid = os.fork()
+    if pid == 0:  # the child: exit codes only, never back into pytest
+        code = 1
+        try:
+            os.close(go_write)
+            os.close(done_read)
+            if index.get("k") == [entry(1)]:
+                os.write(done_write, b"1")
+                os.read(go_read, 1)  # the parent has changed the index (or is gone: EOF)
+                code = 0 if index.get("k") == [entry(2)] and index._local.pid == os.getpid() else 2
+        finally:
+            os._exit(code)
+    # Only the child holds these ends now, so a child that dies shows as EOF, not a hang.
+    os.close(go_read)
+    os.close(done_write)
     try:
-        writer.put(entry(1))
-        assert index.get("k") == [entry(1)]  # memo and mapping made before the fork
-        pid = os.fork()
-        if pid == 0:  # the child: exit codes only, never back into pytest
-            code = 1
-            try:
-                if index.get("k") == [entry(1)]:
-                    os.write(done_write, b"1")
-                    os.read(go_read, 1)  # the parent has changed the index
-                    code = 0 if index.get("k") == [entry(2)] and index._local.pid == os.getpid() else 2
-            finally:
-                os._exit(code)
         assert os.read(done_read, 1) == b"1"
         writer.put(entry(2))
         os.write(go_write, b"1")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
     finally:
-        for fd in (go_read, go_write, done_read, done_write):
-            os.close(fd)
+        os.close(go_write)  # a child still waiting sees EOF
+        os.close(done_read)
+        _, status = os.waitpid(pid, 0)
         writer.close()
         index.close()
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_memo_hits_see_a_replaced_store_within_a_second(tmp_path, monkeypatch):
