@@ -498,8 +498,9 @@ class JournalBody:
             journal = self._follow.settled()
             if isinstance(journal.final, DoneRecord):
                 end = journal.final.size if self._stop is None else min(self._stop, journal.final.size)
-                if os.fstat(self._fd).st_size < end:  # Done comes after the last write
-                    raise LeaderGone(f"the body file ended at {os.fstat(self._fd).st_size} of {end} bytes")
+                written = os.fstat(self._fd).st_size  # Done comes after the last write: all of it is there
+                if written < end:
+                    raise LeaderGone(f"the body file ended at {written} of {end} bytes")
                 self._end = end
                 continue
             if journal.final is not None:

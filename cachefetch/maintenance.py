@@ -311,9 +311,10 @@ def _evict(store: CAFS, index: MaintainedIndex, evictor: Policy, max_size: int, 
     """Evict in ``evictor``'s order until under ``max_size``, in transactions
     of up to :data:`_EVICT_BATCH` entries. Each transaction also stops
     counting the blobs it left unreferenced (in the same write that
-    unreferences them); their files are removed once it has committed (an entry never names a missing file; a pass killed in
-    between leaves files no row names, for the sweep), on other threads
-    while the next transaction runs. Returns ``(entries evicted, blobs
+    unreferences them); their files are removed once it has committed (an
+    entry never names a missing file; a pass killed in between leaves files
+    no row names, for the sweep), on other threads while the next
+    transaction runs. Returns ``(entries evicted, blobs
     removed)``."""
     busy = _open_blob_names(store)
     # Within the pass: the -wal counts as it was at the start; blobs this pass

@@ -10,10 +10,11 @@ hash), the client's conditionals (304/412), a single byte ``Range``
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from .policy.conditionals import Outcome, evaluate
 from .store import CAFS, Blob, BlobNotFound
@@ -93,46 +94,23 @@ def whole_fields(opts: ServeOptions, etag: str, size: int) -> list[tuple[str, st
 
 
 class _FileRange:
-    """A file limited to ``length`` bytes from its current position.
+    """``length`` bytes of an open file from its current position: ``fileno``
+    so gunicorn's file_wrapper can ``sendfile`` it (it sends Content-Length
+    bytes from the current offset), ``read`` for other servers.
 
-    Keeps ``fileno`` so gunicorn's file_wrapper can ``sendfile`` it (it sends
-    Content-Length bytes from the current offset); other servers ``read`` it.
+    :param fd: the file's descriptor.
+    :param read: reads up to n bytes at the file's position (a file
+        object's ``read``, or ``os.read`` on a bare descriptor).
+    :param close: closes the file; called once, by :meth:`close` or else on
+        collection (a server or middleware that breaks PEP 3333 must not
+        leak the descriptor, and a second call must not close a number the
+        process has since given to another file).
     """
 
-    __slots__ = ("_file", "_left")
+    __slots__ = ("_fd", "_read", "_close", "_left")
 
-    def __init__(self, file: BinaryIO, length: int) -> None:
-        self._file = file
-        self._left = length
-
-    def fileno(self) -> int:
-        return self._file.fileno()
-
-    def read(self, size: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        if size is None or size < 0 or size > self._left:
-            size = self._left
-        data = self._file.read(size)
-        self._left -= len(data)
-        return data
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _FdRange:
-    """``length`` bytes of the open descriptor ``fd`` from its current
-    position, as :class:`_FileRange` gives them (``fileno`` for sendfile,
-    ``read`` for other servers), with no file object around the descriptor.
-    ``close`` closes it once: a second call must not close a number the
-    process has since given to another file."""
-
-    __slots__ = ("_fd", "_left")
-
-    def __init__(self, fd: int, length: int) -> None:
-        self._fd = fd
-        self._left = length
+    def __init__(self, fd: int, read: Callable[[int], bytes], close: Callable[[], None], length: int) -> None:
+        self._fd, self._read, self._close, self._left = fd, read, close, length
 
     def fileno(self) -> int:
         return self._fd
@@ -142,28 +120,26 @@ class _FdRange:
             return b""
         if size is None or size < 0 or size > self._left:
             size = self._left
-        data = os.read(self._fd, size)
+        data = self._read(size)
         self._left -= len(data)
         if not data:
             self._left = 0  # the file ended early: no more to read
         return data
 
     def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+        close, self._close = self._close, None
+        if close is not None:
+            close()
 
     def __del__(self) -> None:
-        # As a file object does: a body dropped without close() (a server or
-        # middleware that breaks PEP 3333) must not leak its descriptor.
         self.close()
 
 
 class _FileChunks:
-    """A ``_FileRange`` (or ``_FdRange``) as a WSGI iterable; ``close()`` closes the file even
+    """A ``_FileRange`` as a WSGI iterable; ``close()`` closes the file even
     if iteration never started (a client that left before the body)."""
 
-    def __init__(self, file: _FileRange | _FdRange) -> None:
+    def __init__(self, file: _FileRange) -> None:
         self._file = file
 
     def __iter__(self) -> Iterator[bytes]:
@@ -265,18 +241,18 @@ def file_body(environ: WSGIEnviron, file: BinaryIO, length: int) -> Iterable[byt
     """``length`` bytes of ``file`` from its current position as a WSGI body:
     the server's ``wsgi.file_wrapper`` (gunicorn ``sendfile``s it) when it
     offers one, else chunks read in turn. Takes ownership of ``file``."""
-    body = _FileRange(file, length)
-    wrapper = environ.get("wsgi.file_wrapper")
-    if wrapper is not None:
-        return wrapper(body, _BLOCK_SIZE)
-    return _FileChunks(body)
+    return _range_body(environ, _FileRange(file.fileno(), file.read, file.close, length))
 
 
 def fd_body(environ: WSGIEnviron, fd: int, length: int) -> Iterable[bytes]:
     """:func:`file_body` for a bare descriptor (opened with ``os.open``): the
     same body, without the file object (and the ``fstat`` that builds it).
     Takes ownership of ``fd``."""
-    body = _FdRange(fd, length)
+    return _range_body(environ, _FileRange(fd, functools.partial(os.read, fd), functools.partial(os.close, fd),
+                                           length))
+
+
+def _range_body(environ: WSGIEnviron, body: _FileRange) -> Iterable[bytes]:
     wrapper = environ.get("wsgi.file_wrapper")
     if wrapper is not None:
         return wrapper(body, _BLOCK_SIZE)

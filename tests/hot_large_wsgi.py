@@ -1,12 +1,13 @@
 """gunicorn entry point for the large hot-path tests: one 1 MiB resource behind CacheFetch.
 
 ``GET /big`` answers ``body()`` (1 MiB, fresh for an hour) and appends a line
-to the file ``CF_TEST_CALLS`` for each call of the app. As in ``hot_wsgi``,
-outside the cache ``X-Worker`` names the worker process that answered and
-``X-Hot: 1`` marks an answer the hot table gave (sent from the blob, since
-1 MiB is past ``memory_object_size``).
+to the file ``CF_TEST_CALLS`` for each call of the app. ``X-Worker`` and
+``X-Hot`` are :mod:`hot_marks`'s instruments (a hot answer here is sent from
+the blob, since 1 MiB is past ``memory_object_size``).
 """
 import os
+
+from hot_marks import instrumented
 
 from cachefetch import CacheFetch
 
@@ -27,27 +28,7 @@ def big_app(environ, start_response):
     return [data]
 
 
-def _build():
-    cached = CacheFetch(big_app, store=os.environ["CF_TEST_STORE"], fsync=False)
-    serve = cached.hot.serve
-
-    def marked_serve(environ, start_response, key):
-        def start(status, headers, exc_info=None):
-            return start_response(status, [*headers, ("X-Hot", "1")], exc_info)
-
-        return serve(environ, start, key)
-
-    cached.hot.serve = marked_serve
-
-    def application(environ, start_response):
-        def start(status, headers, exc_info=None):
-            return start_response(status, [*headers, ("X-Worker", str(os.getpid()))], exc_info)
-
-        return cached(environ, start)
-
-    return application
-
-
 # gunicorn loads ``hot_large_wsgi:application``; the test imports this module
 # for ``body`` alone, without a store.
-application = _build() if "CF_TEST_STORE" in os.environ else None
+application = (instrumented(CacheFetch(big_app, store=os.environ["CF_TEST_STORE"], fsync=False))
+               if "CF_TEST_STORE" in os.environ else None)

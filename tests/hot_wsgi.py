@@ -2,11 +2,12 @@
 
 ``GET /v`` answers ``version=N`` padded to 4 KiB, N read from the file
 ``CF_TEST_VERSION`` (the test writes it), fresh for an hour. ``POST /v``
-answers 204, so CacheFetch invalidates ``/v``. Two test-only instruments sit
-outside the cache: ``X-Worker`` names the worker process that answered, and
-``X-Hot: 1`` marks an answer the hot table gave.
+answers 204, so CacheFetch invalidates ``/v``. ``X-Worker`` and ``X-Hot``
+are :mod:`hot_marks`'s instruments.
 """
 import os
+
+from hot_marks import instrumented
 
 from cachefetch import CacheFetch
 
@@ -24,22 +25,4 @@ def version_app(environ, start_response):
     return [body]
 
 
-cached = CacheFetch(version_app, store=os.environ["CF_TEST_STORE"], fsync=False)
-_serve = cached.hot.serve
-
-
-def _marked_serve(environ, start_response, key):
-    def start(status, headers, exc_info=None):
-        return start_response(status, [*headers, ("X-Hot", "1")], exc_info)
-
-    return _serve(environ, start, key)
-
-
-cached.hot.serve = _marked_serve
-
-
-def application(environ, start_response):
-    def start(status, headers, exc_info=None):
-        return start_response(status, [*headers, ("X-Worker", str(os.getpid()))], exc_info)
-
-    return cached(environ, start)
+application = instrumented(CacheFetch(version_app, store=os.environ["CF_TEST_STORE"], fsync=False))

@@ -87,11 +87,19 @@ def test_the_hot_answer_is_the_full_paths_answer(make, now, tmp_path, status, he
     assert app.calls == 1
 
 
-def test_a_large_hit_reaches_the_server_as_a_file_wrapper_with_a_fileno(make):
+def warm_large(make):
+    """A CacheFetch with one large (200 kB, past ``memory_object_size``) hot
+    answer at ``/r``, learnt: ``(app, mw, client, entry)``."""
     app = App(headers=[("Cache-Control", "max-age=60")], size=200_000)
     mw = make(app)
     c = client(mw)
     warm(mw, c)
+    [entry] = mw.index.get(KEY)
+    return app, mw, c, entry
+
+
+def test_a_large_hit_reaches_the_server_as_a_file_wrapper_with_a_fileno(make):
+    _, mw, c, _ = warm_large(make)
     wrapped = []
 
     def file_wrapper(filelike, block_size):
@@ -273,11 +281,7 @@ def test_invalid_memory_options_raise_at_construction(tmp_path, kw):
 
 
 def test_a_missing_blob_behind_a_large_hot_answer_goes_to_the_full_path(make):
-    app = App(headers=[("Cache-Control", "max-age=60")], size=200_000)
-    mw = make(app)
-    c = client(mw)
-    warm(mw, c)
-    [entry] = mw.index.get(KEY)
+    app, mw, c, entry = warm_large(make)
     mw.store.delete(entry.hash)
     r = get(c)
     assert r.status_code == 200 and r.data.startswith(b"call=2 ")  # dropped and fetched again
@@ -285,11 +289,7 @@ def test_a_missing_blob_behind_a_large_hot_answer_goes_to_the_full_path(make):
 
 
 def test_a_blob_of_another_size_behind_a_large_hot_answer_goes_to_the_full_path(make):
-    app = App(headers=[("Cache-Control", "max-age=60")], size=200_000)
-    mw = make(app)
-    c = client(mw)
-    warm(mw, c)
-    [entry] = mw.index.get(KEY)
+    _, mw, c, entry = warm_large(make)
     path = mw.store.path(entry.hash)
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:
@@ -301,10 +301,7 @@ def test_a_blob_of_another_size_behind_a_large_hot_answer_goes_to_the_full_path(
 
 
 def test_large_hot_answers_close_their_blob(make):
-    app = App(headers=[("Cache-Control", "max-age=60")], size=200_000)
-    mw = make(app)
-    c = client(mw)
-    warm(mw, c)
+    _, mw, c, _ = warm_large(make)
     before = sorted(os.listdir("/proc/self/fd"))
     seen = spy(mw)
     for _ in range(20):
