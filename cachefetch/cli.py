@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .affinity import assign_cpu, pin_to_cpu
 from .layout import StoreLayout
 from .maintenance import parse_size
 from .worker import CachefetchWorker, leave_promptly
@@ -101,6 +102,10 @@ def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--worker-class", choices=("cachefetch", "gthread"), default="cachefetch",
                        help="cachefetch: gthread with the slow-client defences (default); gthread: "
                             "gunicorn's own, without them (for comparison)")
+    serve.add_argument("--cpu-affinity", choices=("off", "auto"), default="off",
+                       help="auto: pin each worker to a CPU of its own, as nginx's worker_cpu_affinity auto "
+                            "(about 1.5x the small hits per second on a VM); off: let the kernel place them "
+                            "(default: %(default)s)")
     serve.add_argument("--graceful-timeout", type=_positive_int, default=4, metavar="SECONDS",
                        help="on SIGTERM, in-flight requests get half of this; the server is gone "
                             "within it (default: %(default)s)")
@@ -317,7 +322,8 @@ ACCESS_LOG_FORMAT = ('%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s
 
 def _gunicorn_settings(args: argparse.Namespace) -> dict[str, Any]:
     """gunicorn's configuration for ``serve``: our gthread worker with its
-    client timeouts, the access log, and the exit hooks."""
+    client timeouts, the access log, the exit hooks, and the CPU affinity hooks if asked."""
+    pinning = {"pre_fork": assign_cpu, "post_fork": pin_to_cpu} if args.cpu_affinity == "auto" else {}
     return {
         "bind": [args.bind], "workers": args.workers, "threads": args.threads,
         "worker_class": (CachefetchWorker.configured(header_timeout=args.header_timeout,
@@ -330,6 +336,7 @@ def _gunicorn_settings(args: argparse.Namespace) -> dict[str, Any]:
         "worker_exit": _worker_exit, "child_exit": _child_exit,
         # gunicorn's control socket would live in ~/.gunicorn, shared by every server.
         "control_socket_disable": True,
+        **pinning,
     }
 
 
