@@ -8,6 +8,8 @@ environment:
     ``bytes``     a bare WSGI app answering every GET with the same 4 KiB from
                   memory, with the ``flask`` view's fields: the floor of what
                   gunicorn itself costs per request
+    ``fields``    the same, with the fields ``BENCH_FIELDS`` names (JSON
+                  ``[[name, value], ...]``) instead of the view's
     ``file``      a bare WSGI app answering every GET with
                   ``environ['wsgi.file_wrapper'](open(BENCH_FILE, 'rb'))``
     ``herd``      a slow app: 1 s before the first byte, then 10 MiB trickled
@@ -29,6 +31,7 @@ The bare apps take ``BENCH_CACHE`` ``none`` or ``cachefetch``.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -121,6 +124,18 @@ def bytes_app(environ, start_response):
     return [SMALL_BODY]
 
 
+def fields_app(fields: tuple[tuple[str, str], ...]):
+    """A bare app like :func:`bytes_app` that sends ``fields`` instead of
+    the view's four (``bench_middleware`` gives it the fields of a
+    CacheFetch hit: what gunicorn charges for those is then apart from
+    what CacheFetch's own code costs)."""
+    def app(environ, start_response):
+        start_response("200 OK", list(fields))
+        return [SMALL_BODY]
+
+    return app
+
+
 def herd_app(environ, start_response):
     """1 s before the first byte, then a 10 MiB body trickled over 1 s."""
     path = environ.get("PATH_INFO", "/")
@@ -178,9 +193,11 @@ def build(name: str, cache: str):
     """The WSGI callable for ``BENCH_APP=name``, ``BENCH_CACHE=cache``."""
     if name == "flask":
         return _flask_app(cache)
+    if name == "fields":  # BENCH_FIELDS: JSON [[name, value], ...]
+        return _wrap(fields_app(tuple(map(tuple, json.loads(os.environ["BENCH_FIELDS"])))), cache)
     apps = {"bytes": bytes_app, "file": file_app, "herd": herd_app, "generate": generate_app}
     if name not in apps:
-        raise ValueError(f"BENCH_APP={name!r}: expected flask, bytes, file, herd or generate")
+        raise ValueError(f"BENCH_APP={name!r}: expected flask, bytes, fields, file, herd or generate")
     app = _wrap(apps[name], cache)
     if name == "herd":
         return _with_worker_header(app)

@@ -14,7 +14,9 @@ same run:
    fields, gunicorn's ceiling (goal: >= 0.95): medians of 12 interleaved 4 s
    runs. The bare app runs as two servers, pooled per round; their ratio to
    each other is the run's own noise, and the ratio comes with its 95%
-   bootstrap interval.
+   bootstrap interval. One more bare app sends a CacheFetch hit's own fields
+   (row 1d, no goal): it splits 1c's gap into what gunicorn charges for the
+   four fields a hit adds and what CacheFetch's own code costs.
 2. hit path, 10 MiB body: server CPU seconds per request (the worker
    processes' CPU-time clocks, in ns, before vs after a fixed number of
    requests) for CacheFetch vs a bare ``wsgi.file_wrapper`` app sending the
@@ -48,6 +50,7 @@ import datetime
 import http.client
 import importlib.util
 import itertools
+import json
 import os
 import random
 import shutil
@@ -108,6 +111,10 @@ def worker_exit(server, worker):
         return
     close_all()  # let queued commits land
 """
+
+
+#: Fields gunicorn writes into every answer itself (lower case).
+_SERVER_FIELDS = ("server", "date", "connection")
 
 
 class Gunicorn:
@@ -339,7 +346,13 @@ class Bench:
                                            BENCH_STORE=self.store(f"small-{name}"))
             for name, server in servers.items():
                 self._check_small(name, server)
-            fields = {name: self._fields(server) for name, server in servers.items() if name in ("cachefetch", "floor")}
+            # The bare app once more, sending a CacheFetch hit's own fields (Age and Cache-Status as
+            # they read now): what gunicorn charges for them, apart from what CacheFetch's code costs.
+            hit_fields = self._fields(servers["cachefetch"])
+            servers["fields"] = self.start("small-fields", SMALL_WORKERS, BENCH_APP="fields", BENCH_CACHE="none",
+                                           BENCH_FIELDS=json.dumps(hit_fields))
+            self._check_small("fields", servers["fields"])
+            fields = {name: len(self._fields(servers[name])) + len(_SERVER_FIELDS) for name in ("cachefetch", "floor")}
             self.notes.append(
                 f"4 KiB answers carry {fields['cachefetch']} header fields through CacheFetch (the view's four, "
                 f"ETag, Accept-Ranges, Age, Cache-Status) and {fields['floor']} from the bare app (the view's "
@@ -423,13 +436,25 @@ class Bench:
                         + f"; CPU/req ratio {cpu['cachefetch'] / cpu['floor']:.2f}" + noise,
                         f"{floor:.2f}", f"≥ {FLOOR_GOAL}", yes(floor >= FLOOR_GOAL),
                         Bar("1c. 4 KiB hit: req/s, CacheFetch ÷ bare app from memory (↑)", finite(floor), FLOOR_GOAL)))
+        fields_cost = rps["fields"] / rps["floor"]
+        low, high = ratio_interval(rates["cachefetch"], rates["fields"], statistic=statistics.median)
+        ratio = rps["cachefetch"] / rps["fields"]
+        rows.append(Row("1d. (for 1c) hit, 4 KiB: req/s, CacheFetch ÷ the bare app sending a CacheFetch hit's "
+                        "own fields (the view's, ETag, Accept-Ranges, Age, Cache-Status), same worker settings",
+                        f"{measured('cachefetch', 'CacheFetch')}; {measured('fields', 'bare app, our fields')}"
+                        + (f"; 95% interval (bootstrap over rounds) {low:.2f}–{high:.2f}" if rounds > 1 else "")
+                        + f". That bare app ÷ the one "
+                        f"with the view's fields: {fields_cost:.2f}, what gunicorn charges for the four fields a "
+                        f"hit adds; 1c's ratio is about this one times that",
+                        f"{ratio:.2f}", "— (reported)", "—",
+                        Bar("1d. 4 KiB hit: req/s, CacheFetch ÷ bare app with our fields (↑)", finite(ratio))))
         return rows
 
     @staticmethod
-    def _fields(server: Gunicorn) -> int:
-        """How many header fields an answer to ``/small`` has."""
+    def _fields(server: Gunicorn) -> list[tuple[str, str]]:
+        """The header fields of an answer to ``/small``, but those gunicorn adds itself."""
         f, _ = fetch(server.port, "/small")
-        return len(f.headers)
+        return [(k, v) for k, v in f.headers.items() if k.lower() not in _SERVER_FIELDS]
 
     def _check_small(self, mode: str, server: Gunicorn) -> None:
         """The body is right; cached modes really answer from their cache."""
@@ -440,7 +465,7 @@ class Bench:
             if f.status != 200 or body != bench_apps.SMALL_BODY:
                 raise RuntimeError(f"{mode}: /small answered {f.status} with {f.size} bytes")
             got.append(f)
-            if mode in ("none", "floor", "floor-b"):
+            if mode in ("none", "floor", "floor-b", "fields"):
                 return
             if mode == "cachefetch":
                 # The first request leads; the commit (fsync) lands in the background.

@@ -57,6 +57,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -163,7 +164,7 @@ class Proc:
 class CachefetchServe(Proc):
     """``python -m cachefetch.cli serve --upstream URL`` on a fresh store."""
 
-    def __init__(self, workdir: str, name: str, upstream: str) -> None:
+    def __init__(self, workdir: str, name: str, upstream: str, extra: Sequence[str] = ()) -> None:
         self.name = f"cachefetch ({name})"
         self.port = free_port()
         self.store = tempfile.mkdtemp(prefix=f"store-{name}-", dir=workdir)
@@ -171,7 +172,7 @@ class CachefetchServe(Proc):
         env = clean_env(PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "cachefetch.cli", "serve", "--upstream", upstream, "--store", self.store,
                "--bind", f"{HOST}:{self.port}", "--workers", str(WORKERS), "--threads", str(THREADS),
-               "--default-ttl", "forever"]  # the origin stands for an immutable file server
+               "--default-ttl", "forever", *extra]  # the origin stands for an immutable file server
         log(f"starting {self.name}: {' '.join(cmd[1:])}")
         self.start_proc(cmd, os.path.join(workdir, f"serve-{name}.log"), env=env, cwd=workdir)
         try:
