@@ -57,8 +57,8 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Sequence
 from urllib.parse import urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -8,9 +8,10 @@ wake-up on another CPU, and on a virtual machine such wake-ups cost more than
 the request itself. A worker pinned to one CPU hands off on that CPU. This is
 nginx's ``worker_cpu_affinity auto``, for the same reason.
 
-On the 2-core machine of ``benchmarks/``, two workers serving 4 KiB hits
-answered about 1.5x the requests per second pinned (the same for a bare app);
-10 MiB hits sent with ``sendfile`` ran at the same speed either way. Pinning
+On the 2-core VM of ``benchmarks/`` (``bench_affinity.py``), two ``serve``
+workers answered 1.75x the 4 KiB hits per second pinned (a bare app under
+gunicorn gained as much); 10 MiB hits sent with ``sendfile`` ran at the same
+speed either way (1.03x). Pinning
 is a poor choice on a machine whose CPUs other busy processes share, which is
 why it is not the default.
 
@@ -24,7 +25,7 @@ import os
 from collections import Counter
 from typing import Any, Iterable
 
-__all__ = ["choose_cpu", "assign_cpu", "pin_to_cpu"]
+__all__ = ["choose_cpu", "assign_cpu", "pin_to_cpu", "supported"]
 
 # The attribute of gunicorn's worker object that carries its CPU from the
 # arbiter (pre_fork) to the forked worker (post_fork).
@@ -67,3 +68,8 @@ def pin_to_cpu(server: Any, worker: Any) -> None:
     cpu = getattr(worker, _CPU, None)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
+
+
+def supported() -> bool:
+    """Whether this system can pin a process to CPUs (Linux can; macOS cannot)."""
+    return hasattr(os, "sched_getaffinity") and hasattr(os, "sched_setaffinity")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 
-from harness import cachefetch_serve, fetch, gunicorn, run_cli, wait_until
+from harness import REPO_ROOT, cachefetch_serve, fetch, free_port, gunicorn, run_cli, wait_until
 from origin import Origin, Resource
 
 from cachefetch.affinity import choose_cpu
@@ -81,9 +83,8 @@ def test_serve_leaves_workers_unpinned_by_default(tmp_path):
     with Origin() as origin:
         with cachefetch_serve(tmp_path, "--upstream", origin.url, "--store", str(tmp_path / "store"),
                               "--workers", "2", "--threads", "2") as server:
-            pids = wait_until(lambda: (lambda p: p if len(p) == 2 else None)(server.worker_pids()),
-                              what="two workers")
-            assert [sorted(os.sched_getaffinity(pid)) for pid in pids] == [ALLOWED, ALLOWED]
+            wait_until(lambda: len(server.worker_pids()) == 2, what="two workers")
+            assert [sorted(os.sched_getaffinity(pid)) for pid in server.worker_pids()] == [ALLOWED, ALLOWED]
 
 
 def test_serve_rejects_an_unknown_affinity_with_a_clear_error(tmp_path):
@@ -106,3 +107,18 @@ def test_the_hooks_pin_a_plain_gunicorn_serving_the_middleware(tmp_path):
         masks = _pins(server, workers)
         assert sorted(cpu for m in masks for cpu in m) == ALLOWED  # one worker per CPU
         assert fetch(server.port, "/v").body.startswith(b"version=1")
+
+
+def test_serve_refuses_auto_where_processes_cannot_be_pinned(tmp_path):
+    """Where the system has no CPU affinity calls (macOS), ``auto`` is refused
+    before the store is made. The missing call is the edge faked here, in a
+    child process, so a regression that goes on to serve times out, not hangs."""
+    store = tmp_path / "store"
+    code = ("import os, sys; del os.sched_setaffinity; from cachefetch.cli import main; "
+            f"sys.exit(main(['serve', '--upstream', 'http://127.0.0.1:9', '--store', {str(store)!r}, "
+            f"'--bind', '127.0.0.1:{free_port()}', '--cpu-affinity', 'auto']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert done.returncode == 2, done.stderr
+    assert "--cpu-affinity auto needs a system that can pin processes to CPUs" in done.stderr
+    assert not store.exists()
