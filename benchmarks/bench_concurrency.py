@@ -26,7 +26,8 @@ each. Every process is stopped and every temp dir removed at the end, also
 on errors, Ctrl-C and SIGTERM. Results go to
 ``benchmarks/results/concurrency.md`` and ``.png``.
 
-Usage: ``python benchmarks/bench_concurrency.py [--quick] [--clients N] [--size MiB] [--rounds N]``
+Usage: ``python benchmarks/bench_concurrency.py [--quick] [--clients N] [--size MiB] [--rounds N]
+[--cpu-affinity off|auto]``
 """
 from __future__ import annotations
 
@@ -101,6 +102,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--size", type=int, default=100, help="the stored file's size in MiB")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the hit download per server")
+    parser.add_argument("--cpu-affinity", choices=("off", "auto"), default="off",
+                        help="cachefetch serve's --cpu-affinity (default: %(default)s)")
     args = parser.parse_args()
     size = (10 if args.quick else args.size) * MiB
     nginx = shutil.which("nginx")
@@ -133,7 +136,8 @@ def main() -> int:
         proxy = Nginx(nginx, workdir, "proxy", nginx_proxy_body(workdir, port, origin.port, trickle.port), port,
                       access_log=False)
         servers.append(proxy)
-        cf = CachefetchServe(workdir, "concurrency", f"http://{HOST}:{origin.port}")
+        serve_args = ("--cpu-affinity", args.cpu_affinity)
+        cf = CachefetchServe(workdir, "concurrency", f"http://{HOST}:{origin.port}", extra=serve_args)
         servers.append(cf)
         targets = {"cachefetch": cf, "nginx": proxy}
         for name, server in targets.items():
@@ -190,7 +194,7 @@ def main() -> int:
         # 2. the cold herd
         expected_size = HERD_SIZE
         herd: dict[str, dict] = {}
-        cf_herd = CachefetchServe(workdir, "herd", f"http://{HOST}:{trickle.port}")
+        cf_herd = CachefetchServe(workdir, "herd", f"http://{HOST}:{trickle.port}", extra=serve_args)
         servers.append(cf_herd)
         for name, server in {"cachefetch": cf_herd, "nginx": proxy}.items():
             path = f"/herd/{name}-concurrency.bin"
@@ -229,7 +233,8 @@ def main() -> int:
         f"# {title}",
         "",
         f"- {report.machine(datetime.datetime.now().astimezone())}; all on {HOST}",
-        f"- cachefetch: `python -m cachefetch.cli serve --workers {WORKERS} --threads {THREADS}` (gunicorn "
+        f"- cachefetch: `python -m cachefetch.cli serve --workers {WORKERS} --threads {THREADS} --cpu-affinity "
+        f"{args.cpu_affinity}` (gunicorn "
         f"{gunicorn.__version__}, our worker, 1,000 connections per worker) at {cachefetch_revision()}",
         f"- nginx {nginx_version(nginx)}: `worker_processes 2`, `worker_connections 4096`, `proxy_cache` with "
         "`proxy_cache_lock on`, `sendfile on`; the origin is another nginx serving the file",
