@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, TypeVar
 
 import blake3
@@ -442,13 +442,15 @@ class _PreadView:
             pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Generation:
     """This process's read-only view of the generation file, shared by its
     threads: ``identity`` is the database file the path named beside it,
-    last confirmed at ``checked`` (``time.monotonic()``). Replaced whole,
-    never closed while shared: a view goes (and its descriptor is closed)
-    when no thread holds it any more."""
+    last confirmed at ``checked`` (``time.monotonic()``). ``checked`` is the
+    one field that changes, on this record only: a renewal that put a new
+    record in its place could, after losing a race, bring back the view of a
+    replaced store. Never closed while shared: a view goes (and its
+    descriptor is closed) when no thread holds it any more."""
 
     view: "mmap.mmap | _PreadView"
     pid: int
@@ -647,7 +649,7 @@ class SQLiteIndex:
         if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
             raise FileNotFoundError(f"the index's directory does not exist: {self.path}")
         self._heal = heal
-        self._gen: _Generation | None = None  # replaced whole (one assignment), by any thread
+        self._gen: _Generation | None = None  # replaced by any thread (one assignment); only its checked changes
         #: Where a damaged database was moved before this index rebuilt it (None: it was sound).
         self.rebuilt_from: str | None = None
         try:
@@ -777,8 +779,10 @@ class SQLiteIndex:
                 return gen.view
             identity = _identity(self.path)
             if identity is not None and identity == gen.identity:
-                self._gen = replace(gen, checked=now)
-                return gen.view
+                gen.checked = now
+                # A thread that found the store replaced meanwhile may have put a newer view in its place.
+                current = self._gen
+                return (current if current is not None else gen).view
         self._connect()  # the database first: a changed file reopens this thread's connection and generation file
         fd = self._generation_fd()
         if os.fstat(fd).st_size < _GENERATION_SIZE:  # a new file: its first token

@@ -141,3 +141,67 @@ def test_memo_hits_see_a_replaced_store_within_a_second(tmp_path, monkeypatch):
     finally:
         new.close()
         reader.close()
+
+
+def test_a_renewal_that_loses_a_race_never_brings_back_a_replaced_stores_view(tmp_path, monkeypatch):
+    """Thread A renews the view (the store is as it was when A looked); before
+    A is done, the store is replaced and the main thread puts the new file's
+    view in place. A finishing must not bring the old view back: a change to
+    the new store is then seen by the very next get. The interleaving is
+    forced by holding A inside its check of the path (``_identity``)."""
+    import os
+    import threading
+    import time
+
+    clock = [1000.0]
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def monotonic():
+            return clock[0]
+
+    monkeypatch.setattr(index_module, "time", Clock())
+    real_identity = index_module._identity
+    in_check, go_on = threading.Event(), threading.Event()
+
+    def identity(path):
+        found = real_identity(path)
+        if threading.current_thread().name == "renewer" and not in_check.is_set():
+            in_check.set()
+            assert go_on.wait(30)
+        return found
+
+    monkeypatch.setattr(index_module, "_identity", identity)
+    store = tmp_path / "store"
+    store.mkdir()
+    path = store / "index.sqlite3"
+    reader, old = SQLiteIndex(path), SQLiteIndex(path)
+    old.put(entry(1))
+    old.close()
+    assert reader.get("k") == [entry(1)]
+    clock[0] += 1.0  # the view's check is due
+    got = []
+    renewer = threading.Thread(target=lambda: got.append(reader.get("k")), name="renewer")
+    renewer.start()
+    new = None
+    try:
+        assert in_check.wait(30)  # A has found the old store still there
+        os.rename(store, tmp_path / "moved")
+        store.mkdir()
+        new = SQLiteIndex(path)
+        new.put(entry(2))
+        assert reader.get("k") == [entry(2)]  # this thread finds it replaced: the new file's view
+        go_on.set()
+        renewer.join(30)
+        assert not renewer.is_alive() and got and got[0] in ([entry(1)], [entry(2)])
+        new.put(entry(3))
+        assert reader.get("k") == [entry(3)]  # no clock moved: only the new file's view can tell
+    finally:
+        go_on.set()
+        renewer.join(30)
+        if new is not None:
+            new.close()
+        reader.close()
