@@ -4,6 +4,7 @@ next get of another on the same file (as two workers' are)."""
 from __future__ import annotations
 
 import mmap
+import os
 
 import pytest
 
@@ -14,6 +15,44 @@ from cachefetch.index import Entry, SQLiteIndex
 
 def entry(n: int) -> Entry:
     return Entry("k", "", Hash.from_hex(f"{n:02x}" * 32), n, stored_at=1000.0 + n)
+
+
+def remembering_reader(tmp_path):
+    """``(store, reader)``: a store directory whose index holds ``entry(1)``
+    (put by another index, since closed), and a reader whose memo holds it."""
+    store = tmp_path / "store"
+    store.mkdir()
+    reader, old = SQLiteIndex(store / "index.sqlite3"), SQLiteIndex(store / "index.sqlite3")
+    old.put(entry(1))
+    old.close()
+    assert reader.get("k") == [entry(1)]
+    return store, reader
+
+
+def replace_store(store, tmp_path) -> SQLiteIndex:
+    """Move ``store`` aside and make an empty one in its place; an index of the new one."""
+    os.rename(store, tmp_path / "moved")
+    store.mkdir()
+    return SQLiteIndex(store / "index.sqlite3")
+
+
+def injected_monotonic(monkeypatch) -> list[float]:
+    """Make the index module's ``time.monotonic()`` read ``clock[0]`` (1000.0
+    at first; the test moves it); returns ``clock``."""
+    import time
+
+    clock = [1000.0]
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def monotonic():
+            return clock[0]
+
+    monkeypatch.setattr(index_module, "time", Clock())
+    return clock
 
 
 @pytest.mark.parametrize("mapped", [True, False])
@@ -66,8 +105,6 @@ def test_a_memo_hit_asks_the_kernel_nothing(tmp_path, monkeypatch):
 def test_a_forked_child_reads_the_index_it_inherited_and_sees_later_changes(tmp_path):
     """The memo and the mapping survive a fork (gunicorn forks workers); the
     child's first SQL read opens its own connection."""
-    import os
-
     path = tmp_path / "index.sqlite3"
     index = SQLiteIndex(path)
     writer = SQLiteIndex(path)
@@ -107,30 +144,9 @@ def test_memo_hits_see_a_replaced_store_within_a_second(tmp_path, monkeypatch):
     """A thread that only ever hits the memo still notices, within a second
     (of ``time.monotonic``, injected here), a store directory replaced by
     another: its next get answers from the new database."""
-    import os
-    import time
-
-    clock = [1000.0]
-
-    class Clock:
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def monotonic():
-            return clock[0]
-
-    monkeypatch.setattr(index_module, "time", Clock())
-    store = tmp_path / "store"
-    store.mkdir()
-    path = store / "index.sqlite3"
-    reader, old = SQLiteIndex(path), SQLiteIndex(path)
-    old.put(entry(1))
-    old.close()
-    assert reader.get("k") == [entry(1)]  # in the memo now
-    os.rename(store, tmp_path / "moved")
-    store.mkdir()
-    new = SQLiteIndex(path)
+    clock = injected_monotonic(monkeypatch)
+    store, reader = remembering_reader(tmp_path)
+    new = replace_store(store, tmp_path)
     try:
         new.put(entry(2))
         clock[0] += 0.5
@@ -149,21 +165,9 @@ def test_a_renewal_that_loses_a_race_never_brings_back_a_replaced_stores_view(tm
     view in place. A finishing must not bring the old view back: a change to
     the new store is then seen by the very next get. The interleaving is
     forced by holding A inside its check of the path (``_identity``)."""
-    import os
     import threading
-    import time
 
-    clock = [1000.0]
-
-    class Clock:
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def monotonic():
-            return clock[0]
-
-    monkeypatch.setattr(index_module, "time", Clock())
+    clock = injected_monotonic(monkeypatch)
     real_identity = index_module._identity
     in_check, go_on = threading.Event(), threading.Event()
 
@@ -175,13 +179,7 @@ def test_a_renewal_that_loses_a_race_never_brings_back_a_replaced_stores_view(tm
         return found
 
     monkeypatch.setattr(index_module, "_identity", identity)
-    store = tmp_path / "store"
-    store.mkdir()
-    path = store / "index.sqlite3"
-    reader, old = SQLiteIndex(path), SQLiteIndex(path)
-    old.put(entry(1))
-    old.close()
-    assert reader.get("k") == [entry(1)]
+    store, reader = remembering_reader(tmp_path)
     clock[0] += 1.0  # the view's check is due
     got = []
     renewer = threading.Thread(target=lambda: got.append(reader.get("k")), name="renewer")
@@ -189,9 +187,7 @@ def test_a_renewal_that_loses_a_race_never_brings_back_a_replaced_stores_view(tm
     new = None
     try:
         assert in_check.wait(30)  # A has found the old store still there
-        os.rename(store, tmp_path / "moved")
-        store.mkdir()
-        new = SQLiteIndex(path)
+        new = replace_store(store, tmp_path)
         new.put(entry(2))
         assert reader.get("k") == [entry(2)]  # this thread finds it replaced: the new file's view
         go_on.set()
