@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,23 +145,22 @@ def test_stale_while_revalidate_herd_never_waits_on_the_app(env, tmp_path):
     assert_store_clean(env)
 
 
-def _connections_on_two_workers(port, tries=40):
-    """Two keep-alive connections that different workers serve."""
-    by_worker: dict[str, http.client.HTTPConnection] = {}
-    spare = []
-    for _ in range(tries):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        worker = _get(conn, "/rfc/whoami").getheader("X-Worker")
-        if worker in by_worker:
-            spare.append(conn)  # kept open, so the next connect is not handed the same slot
-        else:
-            by_worker[worker] = conn
-        if len(by_worker) == 2:
-            break
-    for conn in spare:
-        conn.close()
-    assert len(by_worker) == 2, f"{tries} connections all went to worker {list(by_worker)}"
-    return list(by_worker.values())
+def _connections_on_two_workers(port):
+    """Two keep-alive connections that different workers serve. The kernel
+    gives a shared listener's connections to whichever worker accepts first,
+    and one worker may take every one (40 in a row were seen under load), so
+    the first connection's worker is stopped (SIGSTOP) while the second is
+    made: only the other can accept it."""
+    first = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    worker = _get(first, "/rfc/whoami").getheader("X-Worker")
+    os.kill(int(worker), signal.SIGSTOP)
+    try:
+        second = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        other = _get(second, "/rfc/whoami").getheader("X-Worker")
+    finally:
+        os.kill(int(worker), signal.SIGCONT)
+    assert other != worker, f"a stopped worker ({worker}) answered"
+    return first, second
 
 
 class _Answer:
