@@ -352,7 +352,8 @@ class Bench:
             servers["fields"] = self.start("small-fields", SMALL_WORKERS, BENCH_APP="fields", BENCH_CACHE="none",
                                            BENCH_FIELDS=json.dumps(hit_fields))
             self._check_small("fields", servers["fields"])
-            fields = {name: len(self._fields(servers[name])) + len(_SERVER_FIELDS) for name in ("cachefetch", "floor")}
+            fields = {name: len(sent) + len(_SERVER_FIELDS)
+                      for name, sent in (("cachefetch", hit_fields), ("floor", self._fields(servers["floor"])))}
             self.notes.append(
                 f"4 KiB answers carry {fields['cachefetch']} header fields through CacheFetch (the view's four, "
                 f"ETag, Accept-Ranges, Age, Cache-Status) and {fields['floor']} from the bare app (the view's "

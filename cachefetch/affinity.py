@@ -15,7 +15,7 @@ speed either way (1.03x). Pinning
 is a poor choice on a machine whose CPUs other busy processes share, which is
 why it is not the default.
 
-In a gunicorn config file::
+Linux only (:func:`supported`). In a gunicorn config file::
 
     from cachefetch.affinity import assign_cpu as pre_fork, pin_to_cpu as post_fork
 """
