@@ -103,10 +103,16 @@ class _Registry:
             return sum(1 for f in self._fills if f.detached)
 
     def _watch(self) -> None:
+        # It ends once no fill is left (the next add starts another), so a
+        # process that filled once does not keep a thread waking twice a
+        # second for the rest of its life, taking the GIL from its hits.
         while True:
             time.sleep(0.5)
             with self._lock:
                 fills = list(self._fills)
+                if not fills:
+                    self._watchdog = None
+                    return
             for fill in fills:
                 fill.check_bounds()
 

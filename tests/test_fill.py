@@ -139,6 +139,31 @@ def test_past_max_detached_a_fetch_nobody_reads_is_abandoned(tmp_path):
     assert fill not in FILLS._fills or not fill.detached
 
 
+def test_the_watchdog_ends_with_the_last_fill_and_a_later_fill_starts_another(tmp_path):
+    rec = Recorded()
+    fill = Fill(iter([b"x" * 10]), FillOptions(str(tmp_path)), rec.on_start, rec.on_complete, rec.on_abort)
+    assert b"".join(fill.start()) == b"x" * 10 and rec.done.wait(WAIT)
+    os.unlink(rec.completed[0][1])
+    wait_for(lambda: not FILLS._fills, "every fill of this process to end")
+    watchdog = FILLS._watchdog
+    if watchdog is not None:
+        watchdog.join(WAIT)
+        assert not watchdog.is_alive(), "the watchdog outlived the last fill"
+    # The next fill's bounds are still kept: it gets a watchdog of its own.
+    gate, rec = threading.Event(), Recorded()
+    fill = Fill(gated([b"a" * 10, b"b" * 10], gate), FillOptions(str(tmp_path), idle_timeout=0.5),
+                rec.on_start, rec.on_complete, rec.on_abort)
+    reader = iter(fill.start())
+    try:
+        assert next(reader) == b"a" * 10
+        with pytest.raises(FillFailed, match="no byte"):
+            next(reader)
+        assert rec.done.wait(WAIT) and rec.completed == []
+    finally:
+        gate.set()
+    wait_for(lambda: os.listdir(tmp_path) == [], "the temp file to go")
+
+
 # -- through the middleware ---------------------------------------------------
 
 
