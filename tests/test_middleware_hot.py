@@ -323,3 +323,76 @@ def test_hot_hits_are_recorded_as_uses_for_eviction(make, now):
     assert seen["hot"] == 1
     [(last_used, freq)] = mw.index._connect().execute("SELECT last_used, freq FROM entries").fetchall()
     assert last_used == now[0] and freq == 2  # the full path's hit, then this one
+
+
+# -- Vary'd answers ------------------------------------------------------------
+
+VARIED = [("Cache-Control", "max-age=60"), ("Vary", "Accept-Language")]
+
+
+def count_checks(mw):
+    """Count the hot path's full checks of an answer against the index (``_check``)."""
+    seen = {"checks": 0}
+    check = mw.hot._check
+
+    def counted(*args):
+        seen["checks"] += 1
+        return check(*args)
+
+    mw.hot._check = counted
+    return seen
+
+
+def test_each_variant_is_answered_from_memory_by_its_request_values_without_a_full_check(make):
+    app = App(headers=VARIED, size=300)
+    mw = make(app)
+    c = client(mw)
+    for lang in ("en", "fr"):
+        warm(mw, c, headers={"Accept-Language": lang})
+    seen, checks = spy(mw), count_checks(mw)
+    for _ in range(3):
+        for lang in ("en", "fr", "en"):
+            r = get(c, headers={"Accept-Language": lang})
+            assert r.data.startswith(f"call={1 if lang == 'en' else 2} ".encode()) and f"lang={lang}".encode() in r.data
+            assert cache_status(r).startswith(HIT)
+    assert seen["hot"] == 9 and app.calls == 2
+    assert checks["checks"] <= 2  # once per variant; then the request's values find the answer
+
+
+def test_a_varied_answer_replaced_through_another_instance_is_not_served_from_memory(make, tmp_path):
+    app = App(headers=VARIED, size=100)
+    a = make(app)
+    b = make(app, store=tmp_path / "store")
+    ca, cb = client(a), client(b)
+    en, fr = {"Accept-Language": "en"}, {"Accept-Language": "fr"}
+    warm(a, ca, headers=en)
+    warm(a, ca, headers=fr)
+    assert get(ca, headers=en).data.startswith(b"call=1 ") and get(ca, headers=fr).data.startswith(b"call=2 ")
+    assert get(cb, headers={**en, "Cache-Control": "no-cache"}).data.startswith(b"call=3 ")  # b refetches en
+    settled(b)
+    assert get(ca, headers=en).data.startswith(b"call=3 ")
+    assert get(ca, headers=fr).data.startswith(b"call=2 ")
+    assert get(ca, headers=en).data.startswith(b"call=3 ")
+
+
+def test_the_varied_shortcut_keeps_few_request_values_and_only_short_ones(make):
+    from cachefetch.middleware import hot
+
+    app = App(headers=VARIED, size=100)
+    mw = make(app)
+    c = client(mw)
+    long = "en-GB;q=0.9, " * 40  # past the shortcut's length limit: always the full check
+    warm(mw, c, headers={"Accept-Language": "en"})
+    warm(mw, c, headers={"Accept-Language": long})
+    checks = count_checks(mw)
+    spellings = ["en", " en", "en ", "  en", "en  "]  # one variant (whitespace is folded)
+    for value in (spellings + [long]) * 2:
+        r = get(c, headers={"Accept-Language": value})
+        assert r.data.startswith(b"call=1 " if value in spellings else b"call=2 ")
+        assert cache_status(r).startswith(HIT)
+    assert checks["checks"] >= 2 + 3  # each long one, and the spellings past the first two
+    known = mw.hot._table["http://localhost/r"]
+    remembered = known.varied[2] if known.varied else {}
+    assert 0 < len(remembered) <= hot._VARIED_SLOTS * len(known.answers)
+    assert all(len("".join(values)) <= hot._VARIED_VALUE_CHARS for values in remembered)
+    assert app.calls == 2

@@ -524,6 +524,24 @@ def test_vary_names_are_normalised():
     assert plan.vary == ("accept-encoding", "user-agent")
 
 
+def test_a_variant_is_the_same_however_it_is_worked_out():
+    """Short values are remembered, long or odd ones hashed each time: the id
+    must not depend on which, and whitespace is folded either way (§4.1)."""
+    from cachefetch.policy import variant_of
+
+    names = ("accept-encoding", "accept-language")
+    short = variant_of({"HTTP_ACCEPT_ENCODING": "gzip,  br", "HTTP_ACCEPT_LANGUAGE": "en"}, names)
+    assert short == variant_of({"HTTP_ACCEPT_ENCODING": " gzip, br ", "HTTP_ACCEPT_LANGUAGE": "en"}, list(names))
+    assert short != variant_of({"HTTP_ACCEPT_ENCODING": "gzip, br"}, names)  # an absent field is a value too
+    long = "x" * 300
+    assert variant_of({"HTTP_ACCEPT_LANGUAGE": long}, ("accept-language",)) == \
+        variant_of({"HTTP_ACCEPT_LANGUAGE": " " + long + "  "}, ("accept-language",))
+    assert variant_of({"CONTENT_TYPE": 7}, ("content-type",)) == variant_of({"CONTENT_TYPE": "7"}, ("content-type",))
+    assert variant_of({"HTTP_ACCEPT": "a"}, ()) == ""
+    # Stored entries carry these ids: they must never change between releases.
+    assert short == hash_bytes(b"accept-encoding:gzip, br\naccept-language:en").hex[:32]
+
+
 @pytest.mark.parametrize("cc,stored", [("max-age=60", False), ("max-age=60, public", True),
                                        ("s-maxage=60", True), ("max-age=60, must-revalidate", True)])
 def test_authorization_needs_public_s_maxage_or_must_revalidate(cc, stored):

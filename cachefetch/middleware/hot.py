@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from ..index import Entry, Index, IndexUnavailable
-from ..policy import ENVIRON_KEY, FOREVER, CacheRules, CacheStatus, response_directives, variant_of
+from ..policy import ENVIRON_KEY, FOREVER, CacheRules, CacheStatus, environ_names, response_directives, variant_of
 from ..replay import etag_for, fd_body, whole_fields
 from ..store import CAFS, BlobNotFound
 from ..wsgi import StartResponse, WSGIEnviron
@@ -43,6 +43,13 @@ _NO_BODY = (None, "", "0")  # CONTENT_LENGTH values of a request without a body
 # What an answer costs besides its body and fields (the record, its tuples, the dict slots).
 _OVERHEAD = 512
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+# A Vary'd answer's shortcut remembers this many request values per answer
+# (the values of one variant differ only by whitespace, so one is usual), each
+# at most _VARIED_VALUE_CHARS long: a Cookie or User-Agent longer than that
+# takes the full check. Its weight includes them, so the budget still holds.
+_VARIED_SLOTS = 2
+_VARIED_VALUE_CHARS = 256
+_VARIED_SLOT_BYTES = _VARIED_VALUE_CHARS + 128  # the values and their tuple and dict slot
 
 
 def plain_hit_request(environ: WSGIEnviron, planned: frozenset[str] = _PLANNED_WITH_COOKIE) -> bool:
@@ -109,14 +116,39 @@ def _stamp(answer: HotAnswer, now: float) -> _Stamp | None:
 @dataclass(slots=True, eq=False)
 class _Known:
     """What the table holds for one key: its answers by variant (replaced
-    whole, under the table's lock, never changed in place), and ``fast``:
-    the list ``Index.get`` returned when the key's one, non-varying answer
-    was last found to be its entry, with that answer. While the index
-    returns that same list object (its memo: nothing changed since), the
-    answer needs no other check."""
+    whole, under the table's lock, never changed in place), and two
+    shortcuts, each valid while ``Index.get`` returns the same list object
+    it holds (the index's memo: nothing changed since), so that the answer
+    needs no other check:
+
+    - ``fast``: that list, when the key's one, non-varying answer was last
+      found to be its entry, with that answer;
+    - ``varied``: that list, when its entries all vary on the same fields,
+      the environ keys of those fields, and the answers found for the
+      request values seen (at most :data:`_VARIED_SLOTS` per answer). The
+      values decide the variant, so they decide the answer while the
+      entries stay the same.
+    """
 
     answers: dict[str, HotAnswer]
-    fast: tuple[list[Entry], HotAnswer] | None = None  # one tuple: read and replaced atomically
+    # Each is one tuple, read and replaced atomically (its dict is never changed once published).
+    fast: tuple[list[Entry], HotAnswer] | None = None
+    varied: tuple[list[Entry], tuple[str, ...], dict[tuple[Any, ...], HotAnswer]] | None = None
+
+
+def _remember_values(known: _Known, entries: list[Entry], vary: tuple[str, ...], environ: WSGIEnviron,
+                     answer: HotAnswer) -> None:
+    """Add to ``known.varied`` that this request's values of ``vary`` were
+    answered by ``answer`` while the index held ``entries`` (if the values
+    are short, and there is room)."""
+    varied = known.varied
+    if varied is None or varied[0] is not entries:
+        varied = (entries, environ_names(tuple(vary)), {})
+    values = tuple([environ.get(name, "") for name in varied[1]])
+    if (len(varied[2]) < _VARIED_SLOTS * len(known.answers) and all(type(v) is str for v in values)
+            and sum(map(len, values)) <= _VARIED_VALUE_CHARS):
+        # A new dict, published whole: a racing reader never sees one half built.
+        known.varied = (entries, varied[1], {**varied[2], values: answer})
 
 
 class HotTable:
@@ -176,9 +208,14 @@ class HotTable:
         if fast is not None and fast[0] is entries:
             answer = fast[1]
         else:
-            answer = self._check(key, known, entries, environ)
+            varied = known.varied
+            answer = None
+            if varied is not None and varied[0] is entries:
+                answer = varied[2].get(tuple([environ.get(name, "") for name in varied[1]]))
             if answer is None:
-                return None
+                answer = self._check(key, known, entries, environ)
+                if answer is None:
+                    return None
         now = self._clock()
         stamp = answer.stamp
         if stamp is None or not stamp.since <= now < stamp.until:
@@ -213,6 +250,8 @@ class HotTable:
             return None
         if len(entries) == 1 and not entry.vary:
             known.fast = (entries, answer)
+        elif entry.vary and all(other.vary == entry.vary for other in entries):
+            _remember_values(known, entries, entry.vary, environ, answer)
         return answer
 
     def _send_blob(self, environ: WSGIEnviron, start_response: StartResponse, answer: HotAnswer,
@@ -270,7 +309,7 @@ class HotTable:
         opts = hit.options_for(entry)
         head = whole_fields(opts, opts.etag or etag_for(entry), entry.size)
         weight = (len(body or b"") + _OVERHEAD + sum(len(k) + len(v) for k, v in head) + len(entry.key)
-                  + len(blob_path or ""))
+                  + len(blob_path or "") + (_VARIED_SLOTS * _VARIED_SLOT_BYTES if entry.vary else 0))
         if weight > self.max_bytes:
             return
         self._put(HotAnswer(entry, opts.status, tuple(head), body, weight, (entry.key, entry.variant), blob_path))

@@ -17,7 +17,7 @@ from .dates import format_http_date, parse_http_date
 from .directives import ANY_STALENESS, DELTA_MAX, Directives, parse_cache_control, parse_targeted
 from .freshness import (FOREVER, HEURISTIC_STATUSES, CacheRules, Lifetime, allows_stale, corrected_initial_age,
                         freshness_lifetime, parse_age, response_directives)
-from .headers import environ_name, has_validator, header, stored_headers, variant_of, vary_names, without_fields
+from .headers import environ_name, environ_names, has_validator, header, stored_headers, variant_of, vary_names, without_fields
 from .invalidation import SAFE_METHODS, invalidates, invalidation_targets
 from .lookup import (ttl_seconds, cookie_matters, Action, RequestFacts, RequestPlan, StoredResponse, plan_request, read_request, shareable,
                      stale_if_error_allows)
@@ -31,7 +31,7 @@ __all__ = [
     "ANY_STALENESS", "DELTA_MAX", "Directives", "parse_cache_control", "parse_targeted",
     "FOREVER", "HEURISTIC_STATUSES", "CacheRules", "Lifetime", "allows_stale", "corrected_initial_age",
     "freshness_lifetime", "parse_age", "response_directives",
-    "environ_name", "has_validator", "header", "stored_headers", "variant_of", "vary_names", "without_fields",
+    "environ_name", "environ_names", "has_validator", "header", "stored_headers", "variant_of", "vary_names", "without_fields",
     "SAFE_METHODS", "invalidates", "invalidation_targets",
     "ttl_seconds", "cookie_matters", "Action", "RequestFacts", "RequestPlan", "StoredResponse", "plan_request", "read_request", "shareable",
     "stale_if_error_allows",

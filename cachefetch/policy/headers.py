@@ -1,12 +1,13 @@
 """Header vocabulary shared by the rules: reading fields, what is stored, Vary."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Mapping
 
 from ..hashing import hash_bytes
 
 __all__ = ["header", "stored_headers", "without_fields", "vary_names", "variant_of", "environ_name",
-           "has_validator"]
+           "environ_names", "has_validator"]
 
 # RFC 9110 §7.6.1 hop-by-hop fields, cookies, and what the cache sets itself
 # on every answer (Age is recomputed; Content-Length comes from the blob).
@@ -61,8 +62,30 @@ def variant_of(environ: Mapping[str, Any], names: Iterable[str]) -> str:
     names = tuple(names)
     if not names:
         return ""
-    parts = [name + ":" + " ".join(str(environ.get(environ_name(name), "")).split()) for name in names]
+    values = tuple([environ.get(k, "") for k in environ_names(names)])
+    # A Vary'd hit asks this on every request, and hashing costs it more than
+    # the rest of the hit: short values (most Accept-* fields) are hashed once.
+    if all(type(v) is str for v in values) and sum(map(len, values)) <= _MEMO_VALUE_CHARS:
+        return _remembered_variant(names, values)
+    return _variant(names, values)
+
+
+# Bounds what the variant memo can hold: at most its size times this many characters.
+_MEMO_VALUE_CHARS = 256
+
+
+def _variant(names: tuple[str, ...], values: tuple[Any, ...]) -> str:
+    parts = [name + ":" + " ".join(str(value).split()) for name, value in zip(names, values)]
     return hash_bytes("\n".join(parts).encode("utf-8", "surrogateescape")).hex[:32]
+
+
+_remembered_variant = functools.lru_cache(maxsize=1024)(_variant)
+
+
+@functools.lru_cache(maxsize=256)
+def environ_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """:func:`environ_name` of each of ``names`` (a tuple), worked out once per tuple."""
+    return tuple(environ_name(name) for name in names)
 
 
 def has_validator(headers: Iterable[tuple[str, str]]) -> bool:
