@@ -118,9 +118,11 @@ _SERVER_FIELDS = ("server", "date", "connection")
 
 
 class Gunicorn:
-    """``gunicorn -k gthread -w <workers> --threads 32`` serving ``bench_apps:application``."""
+    """``gunicorn -k gthread -w <workers> --threads <threads>`` serving ``bench_apps:application``,
+    its command line after ``prefix`` (a tool to run it under, such as valgrind)."""
 
-    def __init__(self, workdir: str, name: str, env: dict[str, str], workers: int = WORKERS) -> None:
+    def __init__(self, workdir: str, name: str, env: dict[str, str], workers: int = WORKERS,
+                 threads: int = THREADS, prefix: tuple[str, ...] = (), boot_seconds: float = 60) -> None:
         self.name = name
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix=f"gunicorn-{name}-", dir=workdir)
@@ -133,14 +135,14 @@ class Gunicorn:
         full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, HERE]), "PYTHONUNBUFFERED": "1", **env}
         for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
             full_env.pop(proxy, None)
-        cmd = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(workers), "--threads", str(THREADS),
-               "-b", f"{HOST}:{self.port}", "--timeout", "300", "--graceful-timeout", "30",
+        cmd = [*prefix, sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(workers),
+               "--threads", str(threads), "-b", f"{HOST}:{self.port}", "--timeout", "300", "--graceful-timeout", "30",
                "--log-level", "warning", "-c", config, "bench_apps:application"]
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=self.dir,
                                          start_new_session=True)
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + boot_seconds
             while len(os.listdir(self.ready)) < workers:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"gunicorn ({name}) exited with {self.proc.returncode}:\n{self.log_tail()}")

@@ -5,7 +5,8 @@
   sockets in a few forked processes, bodies counted and dropped as they
   stream, so a 100 MiB body costs no memory); both give a :class:`Load`.
 - :func:`fetch` is one timed GET on a fresh connection (the body's BLAKE3);
-  :func:`all_at_once` runs a herd of them in threads, released together.
+  :func:`all_at_once` runs a herd of them in threads, released together;
+  :func:`one_by_one` makes a fixed number of GETs in turn on one connection.
 - :func:`download_all` holds up to thousands of downloads at once on two
   cores: asyncio in a few forked processes, every connection opened first,
   every request sent after a barrier; a :class:`Got` per client (status,
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 __all__ = ["HOST", "Load", "run_wrk", "wrk_version", "keepalive_load", "LoadGenerator", "Fetched", "fetch", "pull",
-           "all_at_once", "Got", "download_all", "raise_fd_limit"]
+           "one_by_one", "all_at_once", "Got", "download_all", "raise_fd_limit"]
 
 HOST = "127.0.0.1"
 _RECV = 1 << 20
@@ -278,6 +279,26 @@ def fetch(port: int, path: str, start: float | None = None, keep: bool = False,
         now = time.monotonic()
         return (Fetched(resp.status, resp.headers, size, hasher.hexdigest(), t0, first or now, now),
                 b"".join(kept) if kept is not None else None)
+    finally:
+        conn.close()
+
+
+def one_by_one(port: int, path: str, count: int, size: int, timeout: float = 120) -> http.client.HTTPMessage:
+    """``count`` GETs of ``path``, one after another on one keep-alive
+    connection, each checked to be a 200 of ``size`` bytes; the last one's
+    headers. For counting what a server does per request, not for its speed.
+
+    :raises RuntimeError: on another status or size.
+    """
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        for _ in range(count):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status != 200 or len(body) != size:
+                raise RuntimeError(f"GET {path} on port {port}: {resp.status} with {len(body)} bytes")
+        return resp.headers
     finally:
         conn.close()
 
