@@ -20,7 +20,8 @@ environment:
 ``BENCH_CACHE``
     ``none``           the app as it is (the baseline)
     ``cachefetch``     wrapped in ``CacheFetch(..., store=BENCH_STORE)``
-                       (default options: fsync on)
+                       (default options: fsync on; ``BENCH_CACHE_STATUS=off``
+                       for ``cache_status=False``)
     ``flask-caching``  (``flask`` only) the view decorated with
                        Flask-Caching's ``FileSystemCache`` in ``BENCH_STORE``
 
@@ -92,7 +93,7 @@ def _flask_app(cache: str):
     if cache == "cachefetch":
         from cachefetch import CacheFetch
 
-        app.wsgi_app = CacheFetch(app.wsgi_app, store=os.environ["BENCH_STORE"])
+        app.wsgi_app = CacheFetch(app.wsgi_app, store=os.environ["BENCH_STORE"], **cachefetch_options())
     elif cache not in ("none", "flask-caching"):
         raise ValueError(f"BENCH_CACHE={cache!r}: expected none, cachefetch or flask-caching")
     return app
@@ -179,13 +180,22 @@ def generate_app(environ, start_response):
     return chunks()
 
 
+def cachefetch_options() -> dict:
+    """CacheFetch's options besides the store: its defaults, but ``cache_status=False``
+    where ``BENCH_CACHE_STATUS=off``."""
+    status = os.environ.get("BENCH_CACHE_STATUS", "on")
+    if status not in ("on", "off"):
+        raise ValueError(f"BENCH_CACHE_STATUS={status!r}: expected on or off")
+    return {} if status == "on" else {"cache_status": False}
+
+
 def _wrap(app, cache: str):
     if cache == "none":
         return app
     if cache == "cachefetch":
         from cachefetch import CacheFetch
 
-        return CacheFetch(app, store=os.environ["BENCH_STORE"])
+        return CacheFetch(app, store=os.environ["BENCH_STORE"], **cachefetch_options())
     raise ValueError(f"BENCH_CACHE={cache!r}: expected none or cachefetch for this app")
 
 

@@ -106,6 +106,10 @@ def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
                        help="auto: pin each worker to a CPU of its own, as nginx's worker_cpu_affinity auto "
                             "(1.75x the small hits per second on a 2-core VM; Linux only); off: let the kernel "
                             "place them (default: %(default)s)")
+    serve.add_argument("--cache-status", choices=("on", "off"), default="on",
+                       help="off: answers carry no Cache-Status field, which tells any client whether the "
+                            "cache held a URL (RFC 9211 section 6); the access log still has it "
+                            "(default: %(default)s)")
     serve.add_argument("--graceful-timeout", type=_positive_int, default=4, metavar="SECONDS",
                        help="on SIGTERM, in-flight requests get half of this; the server is gone "
                             "within it (default: %(default)s)")
@@ -286,7 +290,8 @@ def _serve(args: argparse.Namespace) -> int:
                    negative_ttl=args.negative_ttl, threads=args.threads,
                    connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                    max_object_size=object_limit, fetch_timeout=args.fetch_timeout,
-                   idle_timeout=args.idle_timeout, **_route_options(args))
+                   idle_timeout=args.idle_timeout, cache_status=args.cache_status == "on",
+                   **_route_options(args))
     # Build one app now, in the arbiter, so bad options fail before any worker starts.
     create_app(args.upstream, store_dir, args.protocol, fleet=fleet(), **options).close()
     from gunicorn.app.base import BaseApplication
@@ -314,9 +319,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Apache's combined format, then the response's Cache-Status and the request's duration.
+#: Apache's combined format, then the Cache-Status (from the environ: the
+#: answer may not carry it, see --cache-status) and the request's duration.
 ACCESS_LOG_FORMAT = ('%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" '
-                     '"%({cache-status}o)s" %(M)sms')
+                     '"%({cachefetch.cache_status}e)s" %(M)sms')
 
 
 def _gunicorn_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -678,7 +678,7 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
                max_object_size: int | None = None, wait_timeout: float = 60.0, fsync: bool = True,
                read_only: bool = False, default_ttl: float | str | None = None,
                fetch_timeout: float | None = 3600.0, idle_timeout: float | None = 60.0,
-               fleet: Any = None) -> ProxyApp:
+               fleet: Any = None, cache_status: bool = True) -> ProxyApp:
     """A pull-through caching proxy for ``upstream`` (or several ``routes``) as a WSGI app.
 
     :param upstream: base URL of the origin (``https://pypi.org``), served at
@@ -703,6 +703,7 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
     :param idle_timeout: seconds an upstream fetch may go without a byte.
     :param fleet: a :class:`~cachefetch.fleet.Fleet` (or ``redis://`` URL)
         to share entries, blobs and fetches with other hosts; ``None``: alone.
+    :param cache_status: whether answers carry ``Cache-Status`` (see :class:`CacheFetch`).
     :raises ValueError: on any bad option, before serving anything.
     """
     if routes is None:
@@ -720,5 +721,5 @@ def create_app(upstream: str | None, store: CAFS | str | os.PathLike[str], proto
     cached = CacheFetch(forwarder, store, index=index, key=route_key, cache_statuses=(200, 404),
                         default_ttl=default_ttl, stale_if_error=stale_if_error, max_object_size=max_object_size,
                         wait_timeout=wait_timeout, fetch_timeout=fetch_timeout, idle_timeout=idle_timeout,
-                        fleet=fleet)
+                        fleet=fleet, cache_status=cache_status)
     return ProxyApp(cached, index)

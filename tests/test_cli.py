@@ -590,6 +590,27 @@ def test_access_log_lines_carry_cache_status_and_the_body_bytes_really_sent(tmp_
     assert (1 << 20) <= int(left["sent"]) < len(body)  # what the kernel took, not what was announced
 
 
+def test_cache_status_off_keeps_the_field_out_of_answers_and_in_the_access_log(tmp_path):
+    body = os.urandom(100_000)
+    access_log = str(tmp_path / "access.log")
+    with Origin() as origin:
+        origin.files["/f.bin"] = Resource(body)
+        with cachefetch_serve(tmp_path, "--default-ttl", "forever", "--upstream", origin.url,
+                              "--store", str(tmp_path / "store"), "--cache-status", "off",
+                              "--access-log", access_log) as server:
+            answers = [fetch(server.port, "/f.bin")]  # the miss
+
+            def a_hit_is_logged() -> bool:
+                answers.append(fetch(server.port, "/f.bin"))
+                return any('"cachefetch; hit' in line for line in _access_lines(access_log))
+
+            wait_until(a_hit_is_logged, what="a hit in the access log")
+    assert all(r.body == body and "Cache-Status" not in r.headers for r in answers)
+    assert origin.hits["/f.bin"] == 1
+    first = next(line for line in _access_lines(access_log) if '"GET /f.bin' in line)
+    assert '"cachefetch; fwd=miss; stored"' in first
+
+
 def test_stats_counters_add_up_over_restarts_and_a_start_folds_a_run_once(tmp_path):
     store_dir = str(tmp_path / "store")
     body = os.urandom(10_000)

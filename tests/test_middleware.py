@@ -151,6 +151,8 @@ def _app(environ, start_response):  # pragma: no cover - never called
     ({"stale_if_error": -5}, ValueError),
     ({"stale_if_error": "5"}, ValueError),
     ({"stale_if_error": float("nan")}, ValueError),
+    ({"cache_status": "off"}, TypeError),
+    ({"cache_status": 0}, TypeError),
 ])
 def test_invalid_options_raise_at_construction(tmp_path, kw, exc):
     kw = dict(kw)
@@ -1312,4 +1314,65 @@ def test_head_that_finds_no_flight_looks_at_the_index_once_more(make, monkeypatc
     assert r.status_code == 200 and r.data == b""
     assert cache_status(r).startswith(HIT)
     assert app.calls == 1 and len(looks) == 2
+    assert_clean(mw)
+
+
+# -- cache_status=False ----------------------------------------------------------
+
+def test_without_cache_status_no_answer_carries_the_field_and_the_environ_still_does(make, now):
+    """RFC 9211 §6: the field tells any client what the cache holds; a
+    deployment may keep it to its logs. Every kind of answer, checked."""
+    app = App(headers=[("Cache-Control", "max-age=60"), ("ETag", '"v1"')], size=5000)
+    mw = make(app, cache_status=False, stale_if_error=600)
+
+    def ask(path="/r", method="GET", headers=None):
+        environ = EnvironBuilder(path=path, base_url="http://localhost", method=method,
+                                 headers=headers or {}).get_environ()
+        got = {}
+
+        def start_response(status, fields, exc_info=None):
+            got["status"], got["fields"] = status, list(fields)
+            return lambda data: None
+
+        body = b"".join(mw(environ, start_response))
+        assert [k for k, _ in got["fields"] if k.lower() == "cache-status"] == [], got["fields"]
+        return got["status"][:3], str(environ.get("cachefetch.cache_status")), body
+
+    assert ask()[:2] == ("200", STORED)
+    settled(mw)
+    assert ask(headers={"If-None-Match": '"v1"'})[:2] == ("304", "cachefetch; hit; ttl=60")
+    assert ask(headers={"Range": "bytes=0-9"})[0] == "206"
+    assert ask(method="HEAD")[:2] == ("200", "cachefetch; hit; ttl=60")
+    full, hot = ask(), ask()  # the first plain GET teaches the hot table, the second is answered from it
+    assert full[:2] == hot[:2] == ("200", "cachefetch; hit; ttl=60") and len(mw.hot) == 1
+    assert ask(headers={"Authorization": "Basic eDp5"})[1].startswith("cachefetch; fwd=")
+    assert ask("/cold", headers={"Cache-Control": "only-if-cached"})[0] == "504"
+    now[0] += 120
+    app.error = RuntimeError("the app is down")
+    status, seen, body = ask()
+    assert status == "200" and "stale-if-error" in seen and body.startswith(b"call=1 ")
+
+
+def test_without_cache_status_a_follower_gets_no_field(make, monkeypatch):
+    entered, gate = threading.Event(), threading.Event()
+
+    def app(environ, start_response):
+        entered.set()
+        assert gate.wait(WAIT)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Cache-Control", "max-age=60")])
+        return [b"body"]
+
+    mw = make(app, cache_status=False)
+    follows = FollowCounter(monkeypatch)
+    leader, follower = Recorder(mw, "/f"), Recorder(mw, "/f")
+    threads = [start(leader.run)]
+    try:
+        assert entered.wait(WAIT)
+        threads.append(start(follower.run))
+        assert follows.wait_for(1)
+    finally:
+        gate.set()
+        join_all(threads)
+    assert leader.body == follower.body == b"body"
+    assert "Cache-Status" not in leader.headers and "Cache-Status" not in follower.headers
     assert_clean(mw)

@@ -60,6 +60,11 @@ class Context:
     max_object_size: int | None
     record_use: Callable[[Entry], None] = field(default=lambda entry: None)
     bounds: FetchBounds = field(default_factory=FetchBounds)
+    status_field: bool = True  # send Cache-Status (it is always left in the environ)
+
+    def respond(self, environ: WSGIEnviron, start_response: StartResponse, status: CacheStatus) -> StartResponse:
+        """:func:`respond`, with this middleware's choice of sending ``Cache-Status``."""
+        return respond(environ, start_response, status, self.status_field)
 
 
 class Retry(Exception):
@@ -169,10 +174,14 @@ class Prepended:
         close_quietly(self._owner)
 
 
-def respond(environ: WSGIEnviron, start_response: StartResponse, status: CacheStatus) -> StartResponse:
-    """A ``start_response`` that adds ``Cache-Status`` and leaves ``status``
-    in the environ (``cachefetch.cache_status``) for metrics and logs."""
+def respond(environ: WSGIEnviron, start_response: StartResponse, status: CacheStatus,
+            field: bool = True) -> StartResponse:
+    """A ``start_response`` that adds ``Cache-Status`` (unless ``field`` is
+    false) and leaves ``status`` in the environ (``cachefetch.cache_status``)
+    for metrics and logs."""
     environ[policy.ENVIRON_KEY] = status
+    if not field:
+        return start_response
 
     def start(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         return start_response(line, list(headers) + [CacheStatus.header(status)], exc_info)
@@ -183,4 +192,4 @@ def respond(environ: WSGIEnviron, start_response: StartResponse, status: CacheSt
 def passthrough(ctx: Context, environ: WSGIEnviron, start_response: StartResponse,
                 status: CacheStatus) -> Iterable[bytes]:
     """Call the app without caching, telling the client why in Cache-Status."""
-    return ctx.app(environ, respond(environ, start_response, status))
+    return ctx.app(environ, ctx.respond(environ, start_response, status))

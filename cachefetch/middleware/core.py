@@ -35,7 +35,7 @@ from ..stream import Committer
 from ..wsgi import StartResponse, WSGIEnviron, plain_response
 from . import hit
 from .hot import HotTable
-from .context import Context, FetchBounds, Retry, WSGIApp, call_app, passthrough, respond, without_conditionals
+from .context import Context, FetchBounds, Retry, WSGIApp, call_app, passthrough, without_conditionals
 from .follower import follow_flight
 from .invalidation import call_unsafe
 from .keys import HostKey, default_key
@@ -119,6 +119,11 @@ class CacheFetch:
         Each worker process holds its own.
     :param memory_object_size: the largest body kept there; larger hits keep
         only their fields and are sent from the store.
+    :param cache_status: whether answers carry a ``Cache-Status`` field (RFC
+        9211). It tells any client whether the cache held a URL, so whether
+        someone asked for it lately (RFC 9211 §6); ``False`` keeps it out of
+        responses. Either way it is left in the environ
+        (``cachefetch.cache_status``) for logs and metrics.
     :param fsync: passed to the CAFS when ``store`` is a path.
     :param clock: the wall clock (epoch seconds) freshness is judged by.
     :raises ValueError, TypeError: on an invalid option, at construction.
@@ -144,6 +149,7 @@ class CacheFetch:
                  max_detached: int = 64,
                  memory_cache_bytes: int = 16 << 20,
                  memory_object_size: int = 64 << 10,
+                 cache_status: bool = True,
                  fsync: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
         if not callable(app):
@@ -175,6 +181,8 @@ class CacheFetch:
             raise ValueError(f"max_detached must be an int >= 0, got {max_detached!r}")
         _check_amount("memory_cache_bytes", memory_cache_bytes, integer=True)
         _check_amount("memory_object_size", memory_object_size, integer=True)
+        if not isinstance(cache_status, bool):
+            raise TypeError(f"cache_status must be True or False, got {cache_status!r}")
         if cookies not in ("respect", "ignore"):
             raise ValueError(f'cookies must be "respect" or "ignore", got {cookies!r}')
         if index is not None and not all(callable(getattr(index, m, None))
@@ -207,9 +215,9 @@ class CacheFetch:
         self.uses = hit.UseRecorder(self.index, clock)
         self._ctx = Context(app, self.store, self.index, self.flights, self.committer, self.rules, self.key,
                             clock, self.wait_timeout, on_wait_timeout, max_object_size, self.uses,
-                            FetchBounds(fetch_timeout, idle_timeout, max_detached))
+                            FetchBounds(fetch_timeout, idle_timeout, max_detached), cache_status)
         self.hot = HotTable(self.index, self.store, self.rules, clock, self.uses, memory_cache_bytes,
-                            memory_object_size)
+                            memory_object_size, cache_status)
         _instances.add(self)
 
     def close(self) -> None:
@@ -255,7 +263,7 @@ class CacheFetch:
             if plan.action is Action.BYPASS:
                 return passthrough(self._ctx, environ, start_response, plan.status)
             if plan.action is Action.GATEWAY_TIMEOUT:
-                return plain_response(respond(environ, start_response, plan.status), "504 Gateway Timeout",
+                return plain_response(self._ctx.respond(environ, start_response, plan.status), "504 Gateway Timeout",
                                       "only-if-cached: nothing usable is stored")
             if plan.action in (Action.HIT, Action.STALE_HIT):
                 if plan.action is Action.STALE_HIT:

@@ -9,7 +9,7 @@ from ..fill import FillFailed
 from ..index import Entry
 from ..policy import CacheStatus, Outcome, RequestFacts
 from ..wsgi import StartResponse, WSGIEnviron, plain_response
-from .context import Context, Prepended, Retry, passthrough, respond
+from .context import Context, Prepended, Retry, passthrough
 from .hit import serve_stale
 from .leader import local_fill
 
@@ -73,7 +73,7 @@ def _answer(ctx: Context, environ: WSGIEnviron, start_response: StartResponse, f
     answer = policy.evaluate(environ, status=code, etag=etag,
                              last_modified=policy.header(head.headers, "Last-Modified"),
                              size=length if length >= 0 else None)
-    client = respond(environ, start_response, status)
+    client = ctx.respond(environ, start_response, status)
     headers = list(head.headers)
     if answer.outcome is Outcome.NOT_MODIFIED:
         client("304 Not Modified", headers)
@@ -135,13 +135,13 @@ def _failed(ctx: Context, environ: WSGIEnviron, start_response: StartResponse, f
     if served is not None:
         return served
     status = CacheStatus(fwd="miss", collapsed=True, detail="fetch-failed")
-    return plain_response(respond(environ, start_response, status), "502 Bad Gateway", "the coalesced fetch failed")
+    return plain_response(ctx.respond(environ, start_response, status), "502 Bad Gateway", "the coalesced fetch failed")
 
 
 def _wait_timed_out(ctx: Context, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
     if ctx.on_wait_timeout == "504":
         status = CacheStatus(fwd="miss", collapsed=True, detail="wait-timeout")
-        return plain_response(respond(environ, start_response, status), "504 Gateway Timeout",
+        return plain_response(ctx.respond(environ, start_response, status), "504 Gateway Timeout",
                               f"no response from the coalesced fetch within {ctx.wait_timeout:g}s")
     return passthrough(ctx, environ, start_response, CacheStatus(fwd="miss", detail="wait-timeout"))
 

@@ -14,7 +14,7 @@ from ..policy import CacheStatus
 from ..replay import ServeOptions, serve_blob_file
 from ..store import Blob, BlobNotFound
 from ..wsgi import StartResponse, WSGIEnviron, status_line
-from .context import Context, respond
+from .context import Context
 
 __all__ = ["serve_entry", "serve_open", "replay_options", "options_for", "UseRecorder", "matching"]
 
@@ -91,7 +91,7 @@ def serve_open(ctx: Context, environ: WSGIEnviron, start_response: StartResponse
         file.close()
         raise
     ctx.record_use(entry)
-    return serve_blob_file(environ, respond(environ, start_response, status), file,
+    return serve_blob_file(environ, ctx.respond(environ, start_response, status), file,
                            Blob(entry.hash, entry.size), opts, (("Age", str(entry.age(ctx.clock()))),))
 
 

@@ -91,9 +91,9 @@ class HotAnswer:
     stamp: _Stamp | None = field(default=None)
 
 
-def _stamp(answer: HotAnswer, now: float) -> _Stamp | None:
-    """``answer``'s fields as of ``now``: ``Age`` and ``Cache-Status: hit;
-    ttl=``; ``None`` if its entry is stale by then."""
+def _stamp(answer: HotAnswer, now: float, status_field: bool = True) -> _Stamp | None:
+    """``answer``'s fields as of ``now``: ``Age`` and (if ``status_field``)
+    ``Cache-Status: hit; ttl=``; ``None`` if its entry is stale by then."""
     entry = answer.entry
     expires = entry.expires_at
     if expires is not None and not expires - now > 0:
@@ -110,7 +110,9 @@ def _stamp(answer: HotAnswer, now: float) -> _Stamp | None:
         ttl = int(expires - now)
         since, until = max(since, expires - ttl - 1), min(until, expires - ttl)
     status = CacheStatus(hit=True, ttl=ttl)
-    return _Stamp((*answer.head, ("Age", str(age)), CacheStatus.header(status)), status, since, until)
+    fields = (*answer.head, ("Age", str(age)), CacheStatus.header(status)) if status_field \
+        else (*answer.head, ("Age", str(age)))
+    return _Stamp(fields, status, since, until)
 
 
 @dataclass(slots=True, eq=False)
@@ -163,11 +165,12 @@ class HotTable:
     :param max_bytes: the budget; ``0`` disables the table.
     :param max_object_size: bodies up to this many bytes are kept; a larger
         entry keeps only its fields, and its body is sent from its blob.
+    :param status_field: whether answers carry ``Cache-Status``.
     :raises ValueError: on a negative bound.
     """
 
     def __init__(self, index: Index, store: CAFS, rules: CacheRules, clock: Callable[[], float],
-                 uses: hit.UseRecorder, max_bytes: int, max_object_size: int) -> None:
+                 uses: hit.UseRecorder, max_bytes: int, max_object_size: int, status_field: bool = True) -> None:
         if max_bytes < 0 or max_object_size < 0:
             raise ValueError("HotTable bounds must be bytes >= 0")
         self._index = index
@@ -177,6 +180,7 @@ class HotTable:
         self._uses = uses
         self.max_bytes = max_bytes
         self.max_object_size = max_object_size
+        self._status_field = status_field
         self._planned = _PLANNED if rules.cookies == "ignore" else _PLANNED_WITH_COOKIE
         self._lock = threading.Lock()
         # key -> its answers. Read without the lock (single dict lookups);
@@ -219,7 +223,7 @@ class HotTable:
         now = self._clock()
         stamp = answer.stamp
         if stamp is None or not stamp.since <= now < stamp.until:
-            stamp = _stamp(answer, now)
+            stamp = _stamp(answer, now, self._status_field)
             if stamp is None:
                 return None  # stale: the full path decides (revalidate, swr, stale-if-error...)
             answer.stamp = stamp  # a racing thread sees the old stamp or this one

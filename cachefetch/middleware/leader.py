@@ -14,7 +14,7 @@ from ..store import Blob
 from ..fill import Fill, FillOptions
 from ..stream import CacheAbandoned, StreamThroughResult
 from ..wsgi import StartResponse, WSGIEnviron, plain_response
-from .context import AppResponse, Context, respond
+from .context import AppResponse, Context
 from .hit import serve_stale
 
 __all__ = ["LeaderRun", "local_fill"]
@@ -79,7 +79,7 @@ class LeaderRun:
             temp_dir=ctx.store.temp_dir, temp_prefix=self.lead.temp_prefix, content_length=plan.content_length,
             max_size=ctx.max_object_size, total_timeout=ctx.bounds.total, idle_timeout=ctx.bounds.idle,
             max_detached=ctx.bounds.detached), self.on_start, self.on_complete, self.on_abort)
-        client = respond(self.environ, start_response, self.status.with_(stored=True))
+        client = self.ctx.respond(self.environ, start_response, self.status.with_(stored=True))
         length = plan.content_length
         answer = policy.evaluate(self.environ, status=code, etag=policy.header(plan.headers, "ETag"),
                                  last_modified=policy.header(plan.headers, "Last-Modified"),
@@ -110,7 +110,7 @@ class LeaderRun:
                 response.close()
                 return served
         log.debug("not storing %r: %s", self.key, why)
-        client = respond(self.environ, start_response, self.status.with_(detail=why))
+        client = self.ctx.respond(self.environ, start_response, self.status.with_(detail=why))
         client(response.status, response.headers)
         return response.body
 
