@@ -865,6 +865,24 @@ def join_all(threads) -> None:
     assert not any(t.is_alive() for t in threads)
 
 
+def leader_and_follower(mw: CacheFetch, path: str, entered: threading.Event, gate: threading.Event,
+                        monkeypatch) -> tuple["Recorder", "Recorder"]:
+    """Two requests for ``path``, run to the end: the second attached to the
+    first's flight while the app holds the first (it sets ``entered``, then
+    waits for ``gate``)."""
+    follows = FollowCounter(monkeypatch)
+    leader, follower = Recorder(mw, path), Recorder(mw, path)
+    threads = [start(leader.run)]
+    try:
+        assert entered.wait(WAIT)
+        threads.append(start(follower.run))
+        assert follows.wait_for(1)
+    finally:
+        gate.set()
+        join_all(threads)
+    return leader, follower
+
+
 def test_twenty_concurrent_requests_call_the_app_once(make, monkeypatch):
     chunks = [bytes([i]) * 65536 for i in range(24)]  # 1.5 MiB
     entered, gate = threading.Event(), threading.Event()
@@ -932,16 +950,7 @@ def test_followers_of_an_uncacheable_response_call_the_app_themselves(make, monk
         return [f"private body {n}".encode()]
 
     mw = make(app)
-    follows = FollowCounter(monkeypatch)
-    leader, follower = Recorder(mw, "/me"), Recorder(mw, "/me")
-    threads = [start(leader.run)]
-    try:
-        assert entered.wait(WAIT)
-        threads.append(start(follower.run))
-        assert follows.wait_for(1)
-    finally:
-        gate.set()
-        join_all(threads)
+    leader, follower = leader_and_follower(mw, "/me", entered, gate, monkeypatch)
     assert leader.error is None and follower.error is None
     assert leader.body == b"private body 1" and leader.headers["Set-Cookie"] == "user=1"
     assert follower.body == b"private body 2" and follower.headers["Set-Cookie"] == "user=2"
@@ -1363,16 +1372,7 @@ def test_without_cache_status_a_follower_gets_no_field(make, monkeypatch):
         return [b"body"]
 
     mw = make(app, cache_status=False)
-    follows = FollowCounter(monkeypatch)
-    leader, follower = Recorder(mw, "/f"), Recorder(mw, "/f")
-    threads = [start(leader.run)]
-    try:
-        assert entered.wait(WAIT)
-        threads.append(start(follower.run))
-        assert follows.wait_for(1)
-    finally:
-        gate.set()
-        join_all(threads)
+    leader, follower = leader_and_follower(mw, "/f", entered, gate, monkeypatch)
     assert leader.body == follower.body == b"body"
     assert "Cache-Status" not in leader.headers and "Cache-Status" not in follower.headers
     assert_clean(mw)
