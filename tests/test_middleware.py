@@ -1343,7 +1343,11 @@ def test_without_cache_status_no_answer_carries_the_field_and_the_environ_still_
             got["status"], got["fields"] = status, list(fields)
             return lambda data: None
 
-        body = b"".join(mw(environ, start_response))
+        app_iter = mw(environ, start_response)
+        try:
+            body = b"".join(app_iter)
+        finally:
+            getattr(app_iter, "close", lambda: None)()
         assert [k for k, _ in got["fields"] if k.lower() == "cache-status"] == [], got["fields"]
         return got["status"][:3], str(environ.get("cachefetch.cache_status")), body
 
@@ -1360,6 +1364,7 @@ def test_without_cache_status_no_answer_carries_the_field_and_the_environ_still_
     app.error = RuntimeError("the app is down")
     status, seen, body = ask()
     assert status == "200" and "stale-if-error" in seen and body.startswith(b"call=1 ")
+    assert_clean(mw)
 
 
 def test_without_cache_status_a_follower_gets_no_field(make, monkeypatch):
