@@ -62,13 +62,12 @@ sys.path.insert(0, HERE)
 
 import bench_apps  # noqa: E402
 import report  # noqa: E402
-from bench_middleware import Gunicorn, _SERVER_FIELDS  # noqa: E402
-from loadgen import fetch, one_by_one  # noqa: E402
+from bench_middleware import FLOOR_GOAL, Gunicorn, answer_fields, check_small  # noqa: E402
+from loadgen import one_by_one  # noqa: E402
 from report import Bar, log, markdown_table  # noqa: E402
 
 THREADS = 4
 WARM = 5  # requests before counting starts: the miss, the commit, the first hot hit
-FLOOR_GOAL = 0.95  # issue 10's 4 KiB goal, for req/s; shown beside the instruction ratio
 # The fields a hit adds to the view's: what each costs gunicorn is measured apart.
 HIT_FIELDS = ("ETag", "Accept-Ranges", "Age", "Cache-Status")
 # The summary line cachegrind writes: the events named on its "events:" line.
@@ -135,8 +134,9 @@ class Counted:
         try:
             for _ in range(WARM):
                 one_by_one(server.port, "/small", 1, bench_apps.SMALL_SIZE)
-            if env.get("BENCH_CACHE") == "cachefetch":
-                _settle(server, env.get("BENCH_CACHE_STATUS") == "off")
+            if env.get("BENCH_CACHE") == "cachefetch":  # under valgrind: slow to answer, slow to commit
+                check_small(server.port, "cachefetch", env.get("BENCH_CACHE_STATUS") != "off", wait=300,
+                            timeout=600)
             self.last_headers = one_by_one(server.port, "/small", requests, bench_apps.SMALL_SIZE, timeout=600)
         finally:
             server.stop()
@@ -144,31 +144,13 @@ class Counted:
         self.counts = counts_of(os.path.join(self.out_dir, f"cg.{worker}"))
 
 
-def _settle(server: Gunicorn, silent: bool = False) -> None:
-    """Until the cachefetch server answers hits (the miss's commit lands in
-    the background); a ``silent`` one (no Cache-Status) until the view's
-    ``X-Made`` stops changing, three answers in a row."""
-    deadline = time.monotonic() + 300
-    made: list[str] = []
-    while True:
-        f, _ = fetch(server.port, "/small", timeout=600)
-        made.append(f.headers.get("X-Made") or "")
-        if (f.headers.get("Cache-Status") or "").startswith("cachefetch; hit") \
-                or silent and len(made) >= 3 and made[-1] == made[-2] == made[-3]:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"cachefetch never answered a hit (Cache-Status {f.headers.get('Cache-Status')!r})")
-        time.sleep(0.2)  # another process's commit: nothing to block on
-
-
 def hit_fields(workdir: str) -> list[tuple[str, str]]:
     """The fields of a real CacheFetch hit on the Flask view (but those gunicorn adds itself)."""
     server = Gunicorn(workdir, "fields-source", {"BENCH_APP": "flask", "BENCH_CACHE": "cachefetch",
                                                  "BENCH_STORE": tempfile.mkdtemp(dir=workdir)}, workers=1)
     try:
-        _settle(server)
-        f, _ = fetch(server.port, "/small")
-        return [(k, v) for k, v in f.headers.items() if k.lower() not in _SERVER_FIELDS]
+        check_small(server.port, "cachefetch")
+        return answer_fields(server.port)
     finally:
         server.stop()
 

@@ -193,6 +193,41 @@ class Gunicorn:
 
 # -- clients ---------------------------------------------------------------------------
 
+def answer_fields(port: int) -> list[tuple[str, str]]:
+    """The header fields of an answer to ``/small``, but those gunicorn adds itself."""
+    f, _ = fetch(port, "/small")
+    return [(k, v) for k, v in f.headers.items() if k.lower() not in _SERVER_FIELDS]
+
+
+def check_small(port: int, mode: str, by_status: bool = True, wait: float = 30, timeout: float = 120) -> None:
+    """``/small``'s body is right; a cached mode is waited for (up to ``wait``
+    seconds) until it answers from its cache: CacheFetch by its Cache-Status
+    when ``by_status``, else (and any other cache) by the view's ``X-Made``
+    repeating three times.
+
+    :raises RuntimeError: on a wrong answer, or no cached one in time.
+    """
+    got = []
+    deadline = time.monotonic() + wait
+    while True:
+        f, body = fetch(port, "/small", keep=True, timeout=timeout)
+        if f.status != 200 or body != bench_apps.SMALL_BODY:
+            raise RuntimeError(f"{mode}: /small answered {f.status} with {f.size} bytes")
+        got.append(f)
+        if mode in ("none", "floor", "floor-b", "fields"):
+            return
+        if mode == "cachefetch" and by_status:
+            # The first request leads; the commit (fsync) lands in the background.
+            if (f.headers.get("Cache-Status") or "").startswith("cachefetch; hit"):
+                return
+        elif len(got) >= 3 and got[-1].headers["X-Made"] == got[-2].headers["X-Made"] == got[-3].headers["X-Made"]:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{mode}: /small is not served from the cache "
+                               f"(Cache-Status {f.headers.get('Cache-Status')!r})")
+        time.sleep(0.05)  # another process's commit: nothing to block on
+
+
 def pull(port: int, path: str, buffer_size: int = MiB) -> tuple[int, int]:
     """GET ``path`` on a fresh connection, reading into one buffer and discarding: (status, bytes)."""
     return loadgen.pull(port, path, buffer_size)[:2]
@@ -348,14 +383,14 @@ class Bench:
                 servers[name] = self.start(f"small-{name}", SMALL_WORKERS, BENCH_APP=app, BENCH_CACHE=cache,
                                            BENCH_STORE=self.store(f"small-{name}"))
             for name, server in servers.items():
-                self._check_small(name, server)
+                check_small(server.port, name, self.args.cache_status == "on")
             # The bare app once more, sending a CacheFetch hit's own fields (Age and Cache-Status as
             # they read now): what gunicorn charges for them, apart from what CacheFetch's code costs.
-            hit_fields = self._fields(servers["cachefetch"])
+            hit_fields = answer_fields(servers["cachefetch"].port)
             servers["fields"] = self.start("small-fields", SMALL_WORKERS, BENCH_APP="fields", BENCH_CACHE="none",
                                            BENCH_FIELDS=json.dumps(hit_fields))
-            self._check_small("fields", servers["fields"])
-            floor_fields = self._fields(servers["floor"])
+            check_small(servers["fields"].port, "fields")
+            floor_fields = answer_fields(servers["floor"].port)
             fields = {name: len(sent) + len(_SERVER_FIELDS)
                       for name, sent in (("cachefetch", hit_fields), ("floor", floor_fields))}
             view = {k.lower() for k, _ in floor_fields}
@@ -385,7 +420,7 @@ class Bench:
                     log(f"4 KiB round {r + 1}/{rounds} {name}: {load.rps:,.0f} req/s, "
                         f"{cpu / load.requests * 1e6:.0f} µs server CPU/request")
             for name, server in servers.items():
-                self._check_small(name, server)
+                check_small(server.port, name, self.args.cache_status == "on")
         finally:
             for server in servers.values():
                 self.stop(server)
@@ -456,34 +491,6 @@ class Bench:
                         f"{ratio:.2f}", "— (reported)", "—",
                         Bar("1d. 4 KiB hit: req/s, CacheFetch ÷ bare app with our fields (↑)", finite(ratio))))
         return rows
-
-    @staticmethod
-    def _fields(server: Gunicorn) -> list[tuple[str, str]]:
-        """The header fields of an answer to ``/small``, but those gunicorn adds itself."""
-        f, _ = fetch(server.port, "/small")
-        return [(k, v) for k, v in f.headers.items() if k.lower() not in _SERVER_FIELDS]
-
-    def _check_small(self, mode: str, server: Gunicorn) -> None:
-        """The body is right; cached modes really answer from their cache."""
-        got = []
-        deadline = time.monotonic() + 30
-        while True:
-            f, body = fetch(server.port, "/small", keep=True)
-            if f.status != 200 or body != bench_apps.SMALL_BODY:
-                raise RuntimeError(f"{mode}: /small answered {f.status} with {f.size} bytes")
-            got.append(f)
-            if mode in ("none", "floor", "floor-b", "fields"):
-                return
-            if mode == "cachefetch" and self.args.cache_status == "on":
-                # The first request leads; the commit (fsync) lands in the background.
-                if (f.headers.get("Cache-Status") or "").startswith("cachefetch; hit"):
-                    return
-            elif len(got) >= 3 and got[-1].headers["X-Made"] == got[-2].headers["X-Made"] == got[-3].headers["X-Made"]:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{mode}: /small is not served from the cache "
-                                   f"(Cache-Status {f.headers.get('Cache-Status')!r})")
-            time.sleep(0.05)
 
     # 2 -------------------------------------------------------------------------------
 

@@ -807,14 +807,15 @@ class Recorder:
         self.headers: dict[str, str] = {}
         self.body = b""
         self.error: BaseException | None = None
+        self.environ: dict = {}  # the request's, as the middleware left it
 
     def start_response(self, status, headers, exc_info=None):
         self.status, self.headers = status, dict(headers)
         return lambda data: None
 
     def run(self) -> None:
-        environ = EnvironBuilder(path=self.path, base_url="http://example.org", method=self.method,
-                                 headers=self.request_headers).get_environ()
+        environ = self.environ = EnvironBuilder(path=self.path, base_url="http://example.org", method=self.method,
+                                                headers=self.request_headers).get_environ()
         try:
             app_iter = self.mw(environ, self.start_response)
             try:
@@ -1335,21 +1336,11 @@ def test_without_cache_status_no_answer_carries_the_field_and_the_environ_still_
     mw = make(app, cache_status=False, stale_if_error=600)
 
     def ask(path="/r", method="GET", headers=None):
-        environ = EnvironBuilder(path=path, base_url="http://localhost", method=method,
-                                 headers=headers or {}).get_environ()
-        got = {}
-
-        def start_response(status, fields, exc_info=None):
-            got["status"], got["fields"] = status, list(fields)
-            return lambda data: None
-
-        app_iter = mw(environ, start_response)
-        try:
-            body = b"".join(app_iter)
-        finally:
-            getattr(app_iter, "close", lambda: None)()
-        assert [k for k, _ in got["fields"] if k.lower() == "cache-status"] == [], got["fields"]
-        return got["status"][:3], str(environ.get("cachefetch.cache_status")), body
+        r = Recorder(mw, path, method, headers)
+        r.run()
+        assert r.error is None, r.error
+        assert [k for k in r.headers if k.lower() == "cache-status"] == [], r.headers
+        return r.status[:3], str(r.environ.get("cachefetch.cache_status")), r.body
 
     assert ask()[:2] == ("200", STORED)
     settled(mw)

@@ -394,5 +394,5 @@ def test_the_varied_shortcut_keeps_few_request_values_and_only_short_ones(make):
     known = mw.hot._table["http://localhost/r"]
     remembered = known.varied[2] if known.varied else {}
     assert 0 < len(remembered) <= hot._VARIED_SLOTS * len(known.answers)
-    assert all(len("".join(values)) <= hot._VARIED_VALUE_CHARS for values in remembered)
+    assert all(len("".join(values)) <= hot.SHORT_VALUES_CHARS for values in remembered)
     assert app.calls == 2

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ..index import Entry, Index, IndexUnavailable
-from ..policy import ENVIRON_KEY, FOREVER, CacheRules, CacheStatus, environ_names, response_directives, variant_of
+from ..policy import (ENVIRON_KEY, FOREVER, SHORT_VALUES_CHARS, CacheRules, CacheStatus, environ_names,
+                      response_directives, short_values, variant_of)
 from ..replay import etag_for, fd_body, whole_fields
 from ..store import CAFS, BlobNotFound
 from ..wsgi import StartResponse, WSGIEnviron
@@ -43,13 +44,12 @@ _NO_BODY = (None, "", "0")  # CONTENT_LENGTH values of a request without a body
 # What an answer costs besides its body and fields (the record, its tuples, the dict slots).
 _OVERHEAD = 512
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
-# A Vary'd answer's shortcut remembers this many request values per answer
-# (the values of one variant differ only by whitespace, so one is usual), each
-# at most _VARIED_VALUE_CHARS long: a Cookie or User-Agent longer than that
+# A Vary'd answer's shortcut remembers this many sets of request values per
+# answer (the values of one variant differ only by whitespace, so one is
+# usual), short ones only (policy.short_values): a long Cookie or User-Agent
 # takes the full check. Its weight includes them, so the budget still holds.
 _VARIED_SLOTS = 2
-_VARIED_VALUE_CHARS = 256
-_VARIED_SLOT_BYTES = _VARIED_VALUE_CHARS + 128  # the values and their tuple and dict slot
+_VARIED_SLOT_BYTES = SHORT_VALUES_CHARS + 128  # the values and their tuple and dict slot
 
 
 def plain_hit_request(environ: WSGIEnviron, planned: frozenset[str] = _PLANNED_WITH_COOKIE) -> bool:
@@ -147,8 +147,7 @@ def _remember_values(known: _Known, entries: list[Entry], vary: tuple[str, ...],
     if varied is None or varied[0] is not entries:
         varied = (entries, environ_names(tuple(vary)), {})
     values = tuple([environ.get(name, "") for name in varied[1]])
-    if (len(varied[2]) < _VARIED_SLOTS * len(known.answers) and all(type(v) is str for v in values)
-            and sum(map(len, values)) <= _VARIED_VALUE_CHARS):
+    if len(varied[2]) < _VARIED_SLOTS * len(known.answers) and short_values(values):
         # A new dict, published whole: a racing reader never sees one half built.
         known.varied = (entries, varied[1], {**varied[2], values: answer})
 

@@ -17,7 +17,8 @@ from .dates import format_http_date, parse_http_date
 from .directives import ANY_STALENESS, DELTA_MAX, Directives, parse_cache_control, parse_targeted
 from .freshness import (FOREVER, HEURISTIC_STATUSES, CacheRules, Lifetime, allows_stale, corrected_initial_age,
                         freshness_lifetime, parse_age, response_directives)
-from .headers import environ_name, environ_names, has_validator, header, stored_headers, variant_of, vary_names, without_fields
+from .headers import (SHORT_VALUES_CHARS, environ_name, environ_names, has_validator, header, short_values,
+                      stored_headers, variant_of, vary_names, without_fields)
 from .invalidation import SAFE_METHODS, invalidates, invalidation_targets
 from .lookup import (ttl_seconds, cookie_matters, Action, RequestFacts, RequestPlan, StoredResponse, plan_request, read_request, shareable,
                      stale_if_error_allows)
@@ -31,7 +32,8 @@ __all__ = [
     "ANY_STALENESS", "DELTA_MAX", "Directives", "parse_cache_control", "parse_targeted",
     "FOREVER", "HEURISTIC_STATUSES", "CacheRules", "Lifetime", "allows_stale", "corrected_initial_age",
     "freshness_lifetime", "parse_age", "response_directives",
-    "environ_name", "environ_names", "has_validator", "header", "stored_headers", "variant_of", "vary_names", "without_fields",
+    "environ_name", "environ_names", "short_values", "SHORT_VALUES_CHARS", "has_validator", "header",
+    "stored_headers", "variant_of", "vary_names", "without_fields",
     "SAFE_METHODS", "invalidates", "invalidation_targets",
     "ttl_seconds", "cookie_matters", "Action", "RequestFacts", "RequestPlan", "StoredResponse", "plan_request", "read_request", "shareable",
     "stale_if_error_allows",

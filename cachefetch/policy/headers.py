@@ -7,7 +7,7 @@ from typing import Any, Iterable, Mapping
 from ..hashing import hash_bytes
 
 __all__ = ["header", "stored_headers", "without_fields", "vary_names", "variant_of", "environ_name",
-           "environ_names", "has_validator"]
+           "environ_names", "short_values", "SHORT_VALUES_CHARS", "has_validator"]
 
 # RFC 9110 §7.6.1 hop-by-hop fields, cookies, and what the cache sets itself
 # on every answer (Age is recomputed; Content-Length comes from the blob).
@@ -65,13 +65,20 @@ def variant_of(environ: Mapping[str, Any], names: Iterable[str]) -> str:
     values = tuple([environ.get(k, "") for k in environ_names(names)])
     # A Vary'd hit asks this on every request, and hashing costs it more than
     # the rest of the hit: short values (most Accept-* fields) are hashed once.
-    if all(type(v) is str for v in values) and sum(map(len, values)) <= _MEMO_VALUE_CHARS:
+    if short_values(values):
         return _remembered_variant(names, values)
     return _variant(names, values)
 
 
-# Bounds what the variant memo can hold: at most its size times this many characters.
-_MEMO_VALUE_CHARS = 256
+#: What a memo of request field values may hold per entry: at most this many characters.
+SHORT_VALUES_CHARS = 256
+
+
+def short_values(values: tuple[Any, ...]) -> bool:
+    """Whether request field values are strings, :data:`SHORT_VALUES_CHARS`
+    at most in all: fit to be remembered (a long ``Cookie`` or
+    ``User-Agent`` is not)."""
+    return all(type(v) is str for v in values) and sum(map(len, values)) <= SHORT_VALUES_CHARS
 
 
 def _variant(names: tuple[str, ...], values: tuple[Any, ...]) -> str:
